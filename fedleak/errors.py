@@ -1,0 +1,13 @@
+"""Errors that the command line turns into one-line messages instead of tracebacks."""
+
+
+class FedleakError(Exception):
+    """Base class: a problem the user can fix (bad config, missing file, busy port)."""
+
+
+class ConfigError(FedleakError):
+    """An unknown preset, key, role or an invalid value."""
+
+
+class DataError(FedleakError):
+    """A dataset file is missing or unreadable."""
