@@ -1,0 +1,79 @@
+"""The `fedleak` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from fedleak.config import load_preset, preset_names
+from fedleak.errors import FedleakError
+
+DEFAULT_PRESET = "demo"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedleak", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a preset as a real federation and write a report")
+    run.add_argument("preset", nargs="?", default=DEFAULT_PRESET,
+                     help=f"preset name or path to a TOML file (default: {DEFAULT_PRESET})")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set run.rounds=10 --set run.engine=deployment")
+    show = sub.add_parser("config", help="print a preset's resolved configuration")
+    show.add_argument("preset", nargs="?", default=DEFAULT_PRESET)
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("presets", help="list the presets")
+    report = sub.add_parser("report", help="score a run folder's attack samples and rebuild its report")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            for name in preset_names():
+                print(f"{name:<20} {load_preset(name).get('description', '')}")
+            return 0
+        if args.command == "config":
+            cfg = load_preset(args.preset, args.overrides)
+            print(tomli_w.dumps(cfg))
+            return 0
+        if args.command == "report":
+            return _report(args.run_dir)
+        from fedleak.launcher import launch
+
+        cfg = load_preset(args.preset, args.overrides)
+        report = launch(cfg)
+        return 0 if "finished" in _status(report.parent) else 1
+    except FedleakError as err:
+        print(f"fedleak: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _status(run_dir: Path) -> str:
+    from fedleak.runfolder import RunFolder
+
+    return str(RunFolder(run_dir).read_json("meta.json", {}).get("status", ""))
+
+
+def _report(run_dir: Path) -> int:
+    from fedleak.observer import AttackObserver
+    from fedleak.report import write_report
+    from fedleak.report.plots import plot_metrics
+    from fedleak.runfolder import RunFolder
+
+    if not (run_dir / "config.json").exists():
+        raise FedleakError(f"{run_dir} is not a run folder (no config.json)")
+    run = RunFolder(run_dir)
+    AttackObserver(run, run.read_json("config.json")).poll()
+    plot_metrics(run)
+    print(write_report(run_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

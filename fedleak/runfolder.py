@@ -1,0 +1,250 @@
+"""The run folder: every result a run produces, written so that a killed run stays readable.
+
+Every write is either an atomic replace (temporary file in the same directory, fsync,
+``os.replace``) or an append of one complete JSON line followed by flush + fsync, so a reader
+never sees a half-written JSON document and at worst loses the torn last line of a ``.jsonl``.
+
+Layout (all names relative to the run folder)::
+
+    config.json          resolved config (nested dict)
+    meta.json            seed, versions, status, started/finished, message, preset
+    metrics.jsonl        one line per server round
+    attack.jsonl         one line per scored sample set
+    samples/round-XXXX.png, grids/figure6-round-XXXX.png, plots/*.png, logs/*.log
+    report.html
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.json"
+META = "meta.json"
+METRICS = "metrics.jsonl"
+ATTACK = "attack.jsonl"
+REPORT = "report.html"
+SUBDIRS = ("samples", "grids", "plots", "logs")
+STATUSES = ("running", "finished", "failed", "interrupted")
+
+_VERSION_PACKAGES = ("fedleak", "flwr", "torch", "torchvision", "numpy")
+# One lock per process for appends and meta merges; fcntl covers other processes.
+_LOCK = threading.Lock()
+
+
+def now_iso() -> str:
+    """Local time with its UTC offset, so a reader in another time zone is not misled."""
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _timestamp() -> str:
+    # A function of its own so tests can pin the clock.
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON types only; NaN/inf become None because strict JSON has no spelling for them."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy / torch scalars and arrays
+    if callable(tolist):
+        return to_jsonable(tolist())
+    raise TypeError(f"cannot store {type(obj).__name__} in JSON")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def parse_jsonl(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines). A missing file is an empty log."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records: list[dict] = []
+    skipped = 0
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            skipped += 1
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            skipped += 1
+    return records, skipped
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """Serialise read-modify-write of meta.json across threads and processes."""
+    with _LOCK:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: the thread lock is all we have
+            yield
+            return
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+class RunFolder:
+    """One run's results directory; see the module docstring for the layout."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        for sub in SUBDIRS:
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, base: str | os.PathLike, name: str) -> RunFolder:
+        """A fresh folder ``base/<YYYYmmdd-HHMMSS>-<name>``, suffixed ``-2``, ``-3``... if taken."""
+        base = Path(base)
+        base.mkdir(parents=True, exist_ok=True)
+        # Preset names end up in a path; keep them to characters every filesystem accepts.
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+        stem = f"{_timestamp()}-{safe}"
+        for n in range(1, 10_000):
+            candidate = base / (stem if n == 1 else f"{stem}-{n}")
+            try:
+                candidate.mkdir()  # exclusive: two launchers in the same second get distinct dirs
+            except FileExistsError:
+                continue
+            return cls(candidate)
+        raise FileExistsError(f"no free run folder name for {stem!r} in {base}")
+
+    def file(self, relname: str) -> Path:
+        return self.path / relname
+
+    def sample_path(self, round_: int) -> Path:
+        return self.path / "samples" / f"round-{round_:04d}.png"
+
+    def figure6_path(self, round_: int) -> Path:
+        return self.path / "grids" / f"figure6-round-{round_:04d}.png"
+
+    def write_json(self, relname: str, obj: Any) -> Path:
+        # Serialise first so a bad object never touches the file system.
+        text = json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return atomic_write_text(self.path / relname, text)
+
+    def read_json(self, relname: str, default: Any = None) -> Any:
+        """The parsed file, or ``default`` when it is missing or unreadable."""
+        try:
+            return json.loads((self.path / relname).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return default
+
+    def append_jsonl(self, relname: str, record: dict) -> None:
+        if not isinstance(record, dict):
+            raise TypeError(f"a JSONL record must be a dict, not {type(record).__name__}")
+        data = (json.dumps(to_jsonable(record), allow_nan=False) + "\n").encode("utf-8")
+        path = self.path / relname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _LOCK:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                # A previous writer killed mid-line left no newline; without this the new,
+                # complete record would be glued to the torn one and lost with it.
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    data = b"\n" + data
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read_jsonl(self, relname: str) -> list[dict]:
+        """Complete records only: a torn or corrupt line is skipped, never raised."""
+        return parse_jsonl(self.path / relname)[0]
+
+    def read_jsonl_checked(self, relname: str) -> tuple[list[dict], int]:
+        """Like ``read_jsonl`` but also says how many lines were unreadable."""
+        return parse_jsonl(self.path / relname)
+
+    def write_meta(self, **fields: Any) -> None:
+        """Merge ``fields`` into meta.json (atomic; concurrent writers do not lose keys)."""
+        with _dir_lock(self.path):
+            meta = self.read_json(META, {})
+            if not isinstance(meta, dict):
+                meta = {}
+            meta.update(fields)
+            self.write_json(META, meta)
+
+    @staticmethod
+    def versions() -> dict[str, str | None]:
+        out: dict[str, str | None] = {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        for pkg in _VERSION_PACKAGES:
+            try:
+                out[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                out[pkg] = None
+        return out
