@@ -26,8 +26,14 @@ from fedleak.models.hitaj import sample_noise
 
 
 def train_generator(
-    generator: nn.Module, discriminator: nn.Module, target: int, *, steps: int, batch: int,
-    lr: float, rng: torch.Generator | None = None,
+    generator: nn.Module,
+    discriminator: nn.Module,
+    target: int,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    rng: torch.Generator | None = None,
 ) -> float:
     """Algorithm 1 lines 6-8: update G so that the frozen replica D predicts `target`."""
     for p in discriminator.parameters():
@@ -58,8 +64,9 @@ def fake_batches(generator: nn.Module, count: int, fake_class: int, rng: torch.G
     return make
 
 
-def save_samples(generator: nn.Module, out_dir: Path, server_round: int, num: int, seed: int,
-                 meta: dict) -> Path:
+def save_samples(
+    generator: nn.Module, out_dir: Path, server_round: int, num: int, seed: int, meta: dict
+) -> Path:
     """Images from a fixed noise batch, so rounds are comparable; written atomically."""
     fixed = sample_noise(num, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -85,17 +92,33 @@ def attacker_train(msg: Message, context: Context, me: Participant) -> Message:
 
     target, fake = int(me.settings["target-class"]), int(me.settings["fake-class"])
     discriminator = copy.deepcopy(model)
-    train_generator(generator, discriminator, target, steps=int(me.attack("gen-steps")),
-                    batch=int(me.attack("gen-batch")), lr=float(me.attack("gen-lr")), rng=rng)
+    train_generator(
+        generator,
+        discriminator,
+        target,
+        steps=int(me.attack("gen-steps")),
+        batch=int(me.attack("gen-batch")),
+        lr=float(me.attack("gen-lr")),
+        rng=rng,
+    )
 
     active = me.settings.get("mode", "active") == "active"
-    extra = fake_batches(generator, int(me.attack("fakes-per-batch")), fake, rng) if active else None
+    extra = (
+        fake_batches(generator, int(me.attack("fakes-per-batch")), fake, rng) if active else None
+    )
     data = local_data(me, context.run_config)
     steps = int(config["local-batches"])
     loss = local_sgd(
-        model, data, steps=steps, batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-        lr_decay=float(config["lr-decay"]), momentum=float(config["momentum"]),
-        step_offset=turns * steps, generator=rng, extra=extra,
+        model,
+        data,
+        steps=steps,
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        lr_decay=float(config["lr-decay"]),
+        momentum=float(config["momentum"]),
+        step_offset=turns * steps,
+        generator=rng,
+        extra=extra,
     )
     if len(data) == 0 and not active:
         loss = 0.0  # a passive attacker without data uploads nothing new; report like others
@@ -105,6 +128,12 @@ def attacker_train(msg: Message, context: Context, me: Participant) -> Message:
     every = max(1, int(me.attack("sample-every")))
     if turns == 1 or turns % every == 0:
         out_dir = Path(me.settings.get("out-dir") or state_dir or "attacker-out")
-        save_samples(generator, out_dir, server_round, int(me.attack("num-samples")), seed,
-                     {"target": target, "fake": fake, "mode": me.settings.get("mode", "active")})
+        save_samples(
+            generator,
+            out_dir,
+            server_round,
+            int(me.attack("num-samples")),
+            seed,
+            {"target": target, "fake": fake, "mode": me.settings.get("mode", "active")},
+        )
     return reply(msg, model, loss, len(data))

@@ -8,8 +8,14 @@ from torch import nn
 
 
 def invert(
-    model: nn.Module, target: int, shape: tuple[int, int, int], *, num: int = 16,
-    steps: int = 300, lr: float = 0.05, seed: int = 0,
+    model: nn.Module,
+    target: int,
+    shape: tuple[int, int, int],
+    *,
+    num: int = 16,
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
 ) -> torch.Tensor:
     """`num` reconstructions from independent starts near the blank image, in [-1, 1]."""
     model.eval()

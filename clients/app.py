@@ -21,8 +21,9 @@ PROGRESS_KEY = "training"
 
 
 def model_from(msg: Message, context: Context) -> torch.nn.Module:
-    model = build_classifier(str(context.run_config["model.name"]),
-                             int(context.run_config["model.num-classes"]))
+    model = build_classifier(
+        str(context.run_config["model.name"]), int(context.run_config["model.num-classes"])
+    )
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return model
 
@@ -52,13 +53,20 @@ def honest_train(msg: Message, context: Context, me: Participant) -> Message:
     config = msg.content.config_records["config"]
     model = model_from(msg, context)
     data = local_data(me, context.run_config)
-    gen = torch.Generator().manual_seed(int(context.run_config["run.seed"]) * 1000 + me.index
-                                        + 7 * int(config["server-round"]))
+    gen = torch.Generator().manual_seed(
+        int(context.run_config["run.seed"]) * 1000 + me.index + 7 * int(config["server-round"])
+    )
     offset = steps_done(context)
     loss = local_sgd(
-        model, data, steps=int(config["local-batches"]), batch_size=int(config["batch-size"]),
-        lr=float(config["lr"]), lr_decay=float(config["lr-decay"]),
-        momentum=float(config["momentum"]), step_offset=offset, generator=gen,
+        model,
+        data,
+        steps=int(config["local-batches"]),
+        batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]),
+        lr_decay=float(config["lr-decay"]),
+        momentum=float(config["momentum"]),
+        step_offset=offset,
+        generator=gen,
     )
     context.state[PROGRESS_KEY] = ConfigRecord({"steps": offset + int(config["local-batches"])})
     return reply(msg, model, loss, len(data))
@@ -69,8 +77,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the received model on this participant's own classes of the test set."""
     me = participant(context)
     model = model_from(msg, context)
-    test = load_dataset(str(context.run_config["data.dataset"]), "test",
-                        str(context.run_config["data.root"]) or None)
+    test = load_dataset(
+        str(context.run_config["data.dataset"]),
+        "test",
+        str(context.run_config["data.root"]) or None,
+    )
     if me.classes:
         test = test.of_classes(me.classes)
     acc = accuracy(model, test.images, test.labels) if len(test) else 0.0

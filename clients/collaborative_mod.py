@@ -23,7 +23,9 @@ def _flat(record: ArrayRecord) -> tuple[list[str], list[np.ndarray]]:
 
 
 def _record(keys: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in zip(keys, arrays, strict=True)})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(a)) for k, a in zip(keys, arrays, strict=True)}
+    )
 
 
 def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -62,7 +64,9 @@ def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallab
     else:
         shared = select_upload(flat, theta_u, tau, gamma)
     pieces = np.split(shared, np.cumsum([d.size for d in deltas])[:-1])
-    reply.content["arrays"] = _record(keys, [p.reshape(d.shape) for p, d in zip(pieces, deltas, strict=True)])
+    reply.content["arrays"] = _record(
+        keys, [p.reshape(d.shape) for p, d in zip(pieces, deltas, strict=True)]
+    )
     metrics = reply.content.metric_records.get("metrics")
     if metrics is not None:
         metrics["uploaded-fraction"] = float(np.count_nonzero(shared)) / shared.size

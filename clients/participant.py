@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import Context
 
-from fedleak.config import validate_participant
+from fedleak.config import defaults, validate_participant
 from fedleak.data import ImageSet, load_dataset
 from fedleak.data.partition import by_labels, dirichlet, iid, parse_classes
 from fedleak.errors import ConfigError
@@ -32,7 +32,8 @@ class Participant:
         return self.role == "attacker"
 
     def attack(self, key: str) -> Any:
-        return self.settings[f"attack.{key}"]
+        """An attack setting from the node config, else the documented default."""
+        return self.settings.get(f"attack.{key}", _attack_defaults()[key])
 
 
 def participant(context: Context) -> Participant:
@@ -44,13 +45,18 @@ def participant(context: Context) -> Participant:
         index = int(node.get("partition-id", -1))
         if not 0 <= index < len(specs):
             raise ConfigError(
-                "this node has no role: start its SuperNode with --node-config 'role=\"honest\" "
-                "classes=\"0-4\"' (Deployment) or list participants in the run config (Simulation)"
+                'this node has no role: start its SuperNode with --node-config \'role="honest" '
+                'classes="0-4"\' (Deployment) or list participants in the run config (Simulation)'
             )
         spec = specs[index]
     spec = {k: v for k, v in spec.items() if k not in ("partition-id", "num-partitions", "index")}
     validate_participant(spec, int(context.run_config["model.num-classes"]), where="node config")
     return Participant(spec["role"], index, tuple(parse_classes(spec.get("classes", ""))), spec)
+
+
+@lru_cache(maxsize=1)
+def _attack_defaults() -> dict[str, Any]:
+    return defaults()["attack"]
 
 
 @lru_cache(maxsize=8)

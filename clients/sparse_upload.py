@@ -84,7 +84,9 @@ def dp_select_upload(
     return out.reshape(delta.shape)
 
 
-def download_mask(update_counts: np.ndarray, theta_d: float, rng: np.random.Generator) -> np.ndarray:
+def download_mask(
+    update_counts: np.ndarray, theta_d: float, rng: np.random.Generator
+) -> np.ndarray:
     """The theta_d fraction of parameters updated most often (Shokri's download criterion);
     ties, such as the all-zero counts of the first rounds, are broken at random."""
     n = update_counts.size

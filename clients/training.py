@@ -42,7 +42,7 @@ def local_sgd(
         if order is not None:
             if cursor + batch_size > len(order):
                 order, cursor = torch.randperm(len(data), generator=generator), 0
-            idx = order[cursor:cursor + batch_size]
+            idx = order[cursor : cursor + batch_size]
             cursor += batch_size
             xs.append(data.images[idx])
             ys.append(data.labels[idx])

@@ -18,15 +18,27 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedleak", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a preset as a real federation and write a report")
-    run.add_argument("preset", nargs="?", default=DEFAULT_PRESET,
-                     help=f"preset name or path to a TOML file (default: {DEFAULT_PRESET})")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set run.rounds=10 --set run.engine=deployment")
+    run.add_argument(
+        "preset",
+        nargs="?",
+        default=DEFAULT_PRESET,
+        help=f"preset name or path to a TOML file (default: {DEFAULT_PRESET})",
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set run.rounds=10 --set run.engine=deployment",
+    )
     show = sub.add_parser("config", help="print a preset's resolved configuration")
     show.add_argument("preset", nargs="?", default=DEFAULT_PRESET)
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("presets", help="list the presets")
-    report = sub.add_parser("report", help="score a run folder's attack samples and rebuild its report")
+    report = sub.add_parser(
+        "report", help="score a run folder's attack samples and rebuild its report"
+    )
     report.add_argument("run_dir", type=Path)
     return parser
 

@@ -149,7 +149,9 @@ def validate(cfg: Config) -> Config:
         if proto[key] < 0:
             raise ConfigError(f"protocol.{key} must be >= 0, got {proto[key]}")
     if proto["dp-epsilon"] > 0 and proto["gamma"] <= 0:
-        raise ConfigError("protocol.dp-epsilon needs protocol.gamma > 0 (it bounds the sensitivity)")
+        raise ConfigError(
+            "protocol.dp-epsilon needs protocol.gamma > 0 (it bounds the sensitivity)"
+        )
     if cfg["train"]["batch-size"] < 1 or cfg["train"]["local-batches"] < 1:
         raise ConfigError("train.batch-size and train.local-batches must be at least 1")
     if not cfg["participants"]:

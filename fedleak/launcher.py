@@ -22,9 +22,11 @@ import tomli_w
 
 import fedleak
 from fedleak.config import participant_spec, to_node_config, to_run_config
+from fedleak.data import load_dataset
 from fedleak.errors import FedleakError
+from fedleak.models import model_dataset
 from fedleak.observer import AttackObserver
-from fedleak.processes import ProcessGroup, pick_ports, tail
+from fedleak.processes import ProcessGroup, ensure_port_free, pick_ports, tail
 from fedleak.runfolder import RunFolder, now_iso
 
 CONNECTION = "fedleak"
@@ -35,7 +37,9 @@ def app_dir() -> Path:
     """The Flower App (this checkout): `flwr run` packs it into a FAB."""
     root = Path(fedleak.__file__).resolve().parents[1]
     if not (root / "pyproject.toml").exists() or not (root / "server" / "app.py").exists():
-        raise FedleakError(f"fedleak run needs the source checkout (pip install -e .); not found at {root}")
+        raise FedleakError(
+            f"fedleak run needs the source checkout (pip install -e .); not found at {root}"
+        )
     return root
 
 
@@ -43,31 +47,66 @@ def flower_env(run: RunFolder) -> dict[str, str]:
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.update(FLWR_HOME=str(run.path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0",
-               RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.update(
+        FLWR_HOME=str(run.path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+        RAY_DEDUP_LOGS="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+    )
     return env
+
+
+def preflight(cfg: dict[str, Any]) -> None:
+    """Fail in one line, before any process starts or folder is written, on what we can check."""
+    data = cfg["data"]
+    for split in ("train", "test"):
+        load_dataset(data["dataset"], split, data["root"] or None, download=data["download"])
+    if model_dataset(cfg["model"]["name"]) != data["dataset"]:
+        raise FedleakError(
+            f"model.name {cfg['model']['name']} is for "
+            f"{model_dataset(cfg['model']['name'])}, not data.dataset {data['dataset']}"
+        )
+    dep = cfg["deployment"]
+    if dep["superlink-port"]:
+        ensure_port_free(dep["superlink-port"], "deployment.superlink-port")
+    if dep["node-ports"] and cfg["run"]["engine"] == "deployment":
+        pick_ports(dep["node-ports"], len(cfg["participants"]), "deployment.node-ports")
 
 
 def prepare(cfg: dict[str, Any]) -> tuple[RunFolder, dict[str, Any]]:
     cfg = copy.deepcopy(cfg)
-    run = RunFolder.create(cfg["run"]["out-dir"], cfg["preset"].removesuffix(".toml").split("/")[-1])
+    run = RunFolder.create(
+        cfg["run"]["out-dir"], cfg["preset"].removesuffix(".toml").split("/")[-1]
+    )
     cfg["run"]["dir"] = str(run.path.resolve())
     for i, p in enumerate(cfg["participants"]):
         p.setdefault("out-dir", str(run.path.resolve() / "participants" / f"{i}-{p['role']}"))
         p.setdefault("state-dir", p["out-dir"] + "/state")
     run.write_json("config.json", cfg)
-    run.write_meta(status="running", preset=cfg["preset"], seed=cfg["run"]["seed"],
-                   engine=cfg["run"]["engine"], started=now_iso(), versions=RunFolder.versions(),
-                   command=sys.argv)
+    run.write_meta(
+        status="running",
+        preset=cfg["preset"],
+        seed=cfg["run"]["seed"],
+        engine=cfg["run"]["engine"],
+        started=now_iso(),
+        versions=RunFolder.versions(),
+        command=sys.argv,
+    )
     return run, cfg
 
 
 def write_connection(run: RunFolder, port: int) -> None:
     home = run.path / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    conf = {"superlink": {"default": CONNECTION,
-                          CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True}}}
+    conf = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True},
+        }
+    }
     (home / "config.toml").write_text(tomli_w.dumps(conf))
 
 
@@ -76,8 +115,10 @@ def wait_healthy(procs: ProcessGroup, port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if superlink.popen.poll() is not None:
-            raise FedleakError(f"flower-superlink exited (code {superlink.popen.returncode}): "
-                               f"{tail(superlink.log, 3) or 'see ' + str(superlink.log)}")
+            raise FedleakError(
+                f"flower-superlink exited (code {superlink.popen.returncode}): "
+                f"{tail(superlink.log, 3) or 'see ' + str(superlink.log)}"
+            )
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
                 if resp.status == 200:
@@ -99,10 +140,12 @@ def submit(run: RunFolder, cfg: dict[str, Any], env: dict[str, str]) -> int:
     args = ["run", str(app_dir()), CONNECTION, "--run-config", str(run_config), "--format", "json"]
     if simulation:
         sim = cfg["simulation"]
-        args += ["--federation-config",
-                 f"num_supernodes={len(cfg['participants'])} "
-                 f"client_resources_num_cpus={int(sim['client-cpus'])} "
-                 f"init_args_num_cpus={int(sim['backend-cpus'])}"]
+        args += [
+            "--federation-config",
+            f"num_supernodes={len(cfg['participants'])} "
+            f"client_resources_num_cpus={int(sim['client-cpus'])} "
+            f"init_args_num_cpus={int(sim['backend-cpus'])}",
+        ]
     result = flwr(env, *args)
     try:
         reply = json.loads(result.stdout)
@@ -129,27 +172,36 @@ class Progress:
 
     def show(self, attack: list[dict]) -> None:
         metrics = self.run.read_jsonl("metrics.jsonl")
-        for rec in metrics[self.seen:]:
+        for rec in metrics[self.seen :]:
             if rec.get("round", 0) == 0:
                 continue
-            line = (f"round {rec['round']:>3}/{self.rounds}  test acc {rec['test_accuracy']:.3f}"
-                    f"  target->fake {rec.get('test_to_fake') or 0:.2f}  t={rec['time']:.0f}s")
+            line = (
+                f"round {rec['round']:>3}/{self.rounds}  test acc {rec['test_accuracy']:.3f}"
+                f"  target->fake {rec.get('test_to_fake') or 0:.2f}  t={rec['time']:.0f}s"
+            )
             if rec.get("participants", 1) == 0:
                 line += "  (no reply this round)"
             print(line, file=self.out, flush=True)
         self.seen = len(metrics)
         for rec in attack:
             if "error" in rec:
-                print(f"  attack {rec['variant']} round {rec['round']}: {rec['error']}", file=self.out)
+                print(
+                    f"  attack {rec['variant']} round {rec['round']}: {rec['error']}", file=self.out
+                )
                 continue
-            print(f"  attack {rec['variant']:<7} round {rec['round']:>3}: target rate "
-                  f"{rec['target_rate']:.2f}, NN-L2 {rec['nn_l2_median']:.1f}, SSIM target/other "
-                  f"{rec['nn_ssim_target']:.2f}/{rec['nn_ssim_other']:.2f}, success "
-                  f"{'yes' if rec['success'] else 'no'}", file=self.out, flush=True)
+            print(
+                f"  attack {rec['variant']:<7} round {rec['round']:>3}: target rate "
+                f"{rec['target_rate']:.2f}, NN-L2 {rec['nn_l2_median']:.1f}, SSIM target/other "
+                f"{rec['nn_ssim_target']:.2f}/{rec['nn_ssim_other']:.2f}, success "
+                f"{'yes' if rec['success'] else 'no'}",
+                file=self.out,
+                flush=True,
+            )
 
 
 def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     """Run one experiment end to end; returns the report's path."""
+    preflight(cfg)
     run, cfg = prepare(cfg)
     env = flower_env(run)
     engine = cfg["run"]["engine"]
@@ -162,26 +214,49 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     try:
         observer.prepare()
         port = pick_ports(cfg["deployment"]["superlink-port"], 1, "deployment.superlink-port")[0]
-        superlink = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                     "--host", "127.0.0.1", "--port", str(port)]
+        superlink = [
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         if engine == "simulation":
             superlink.append("--simulation")
         procs.start("superlink", superlink, run.path / "logs" / "superlink.log")
         wait_healthy(procs, port)
         if engine == "deployment":
-            node_ports = pick_ports(cfg["deployment"]["node-ports"], len(participants),
-                                    "deployment.node-ports")
+            node_ports = pick_ports(
+                cfg["deployment"]["node-ports"], len(participants), "deployment.node-ports"
+            )
             for i, node_port in enumerate(node_ports):
                 spec = participant_spec(cfg, i) | {"index": i}
-                procs.start(f"supernode {i} ({spec['role']})",
-                            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                             "--port", str(node_port), "--node-config", to_node_config(spec)],
-                            run.path / "logs" / f"supernode-{i}-{spec['role']}.log")
+                procs.start(
+                    f"supernode {i} ({spec['role']})",
+                    [
+                        "flower-supernode",
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--port",
+                        str(node_port),
+                        "--node-config",
+                        to_node_config(spec),
+                    ],
+                    run.path / "logs" / f"supernode-{i}-{spec['role']}.log",
+                )
         write_connection(run, port)
+        run.write_meta(processes={p.name: p.popen.pid for p in procs.procs})
         run_id = submit(run, cfg, env)
         run.write_meta(flower_run_id=run_id, superlink_port=port)
-        print(f"fedleak: {engine} run {run_id} submitted ({len(participants)} participants, "
-              f"{cfg['run']['rounds']} rounds)", file=out, flush=True)
+        print(
+            f"fedleak: {engine} run {run_id} submitted ({len(participants)} participants, "
+            f"{cfg['run']['rounds']} rounds)",
+            file=out,
+            flush=True,
+        )
         status, message = follow(run, cfg, env, run_id, procs, observer, progress, out)
     except KeyboardInterrupt:
         status, message = "interrupted", "stopped by Ctrl-C"
@@ -196,8 +271,16 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     return finish(run, cfg, observer, progress, status, message, out)
 
 
-def follow(run: RunFolder, cfg: dict[str, Any], env: dict[str, str], run_id: int,
-           procs: ProcessGroup, observer: AttackObserver, progress: Progress, out) -> tuple[str, str]:
+def follow(
+    run: RunFolder,
+    cfg: dict[str, Any],
+    env: dict[str, str],
+    run_id: int,
+    procs: ProcessGroup,
+    observer: AttackObserver,
+    progress: Progress,
+    out,
+) -> tuple[str, str]:
     started = time.monotonic()
     last_status_check = 0.0
     while True:
@@ -206,9 +289,13 @@ def follow(run: RunFolder, cfg: dict[str, Any], env: dict[str, str], run_id: int
         for proc in procs.newly_exited():
             if proc.name == "superlink":
                 return "failed", f"flower-superlink exited (code {proc.popen.returncode})"
-            print(f"fedleak: warning: {proc.name} exited (code {proc.popen.returncode}); its "
-                  f"turns time out after {cfg['run']['round-timeout']:.0f} s and the run goes on "
-                  "with the others", file=out, flush=True)
+            print(
+                f"fedleak: warning: {proc.name} exited (code {proc.popen.returncode}); its "
+                f"turns time out after {cfg['run']['round-timeout']:.0f} s and the run goes on "
+                "with the others",
+                file=out,
+                flush=True,
+            )
         meta = run.read_json("meta.json", {})
         if meta.get("server") == "failed":
             return "failed", f"server: {meta.get('server_error', 'failed')}"
@@ -220,7 +307,10 @@ def follow(run: RunFolder, cfg: dict[str, Any], env: dict[str, str], run_id: int
                 return ("finished", "") if ok else ("failed", f"Flower run status {status}")
         if time.monotonic() - started > cfg["run"]["max-wall-time"]:
             flwr(env, "stop", str(run_id), timeout=30)
-            return "failed", f"stopped after run.max-wall-time = {cfg['run']['max-wall-time']:.0f} s"
+            return (
+                "failed",
+                f"stopped after run.max-wall-time = {cfg['run']['max-wall-time']:.0f} s",
+            )
 
 
 def save_server_log(run: RunFolder, env: dict[str, str], run_id: int) -> None:
@@ -231,15 +321,24 @@ def save_server_log(run: RunFolder, env: dict[str, str], run_id: int) -> None:
         pass
 
 
-def finish(run: RunFolder, cfg: dict[str, Any], observer: AttackObserver, progress: Progress,
-           status: str, message: str, out) -> Path:
+def finish(
+    run: RunFolder,
+    cfg: dict[str, Any],
+    observer: AttackObserver,
+    progress: Progress,
+    status: str,
+    message: str,
+    out,
+) -> Path:
     from fedleak.report import write_report
     from fedleak.report.plots import plot_metrics
     from server.evaluation import FINAL_MODEL
 
     try:
         progress.show(observer.poll())
-        if cfg["eval"]["model-inversion"] and any(p["role"] == "attacker" for p in cfg["participants"]):
+        if cfg["eval"]["model-inversion"] and any(
+            p["role"] == "attacker" for p in cfg["participants"]
+        ):
             progress.show([r for r in [observer.model_inversion(run.path / FINAL_MODEL)] if r])
     except KeyboardInterrupt:
         status, message = "interrupted", "stopped by Ctrl-C"

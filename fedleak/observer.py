@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def attacker_out_dirs(cfg: dict[str, Any]) -> list[tuple[int, Path]]:
-    return [(i, Path(p["out-dir"])) for i, p in enumerate(cfg["participants"])
-            if p["role"] == "attacker" and p.get("out-dir")]
+    return [
+        (i, Path(p["out-dir"]))
+        for i, p in enumerate(cfg["participants"])
+        if p["role"] == "attacker" and p.get("out-dir")
+    ]
 
 
 class AttackObserver:
     def __init__(self, run: RunFolder, cfg: dict[str, Any]) -> None:
         self.run = run
         self.cfg = cfg
-        self.scored = {(r.get("attacker"), r.get("round"), r.get("variant"))
-                       for r in run.read_jsonl("attack.jsonl")}
+        self.scored = {
+            (r.get("attacker"), r.get("round"), r.get("variant"))
+            for r in run.read_jsonl("attack.jsonl")
+        }
         self._evaluator: torch.nn.Module | None = None
         self._reference: ImageSet | None = None
 
@@ -69,19 +74,32 @@ class AttackObserver:
                 key = (index, int(saved["round"]), str(saved.get("mode", "active")))
                 if key in self.scored:
                     continue
-                new.append(self._score(saved["images"], index, key[1], key[2],
-                                       int(saved["target"])))
+                new.append(
+                    self._score(saved["images"], index, key[1], key[2], int(saved["target"]))
+                )
                 self.scored.add(key)
         return new
 
-    def _score(self, images: torch.Tensor, attacker: int, server_round: int, variant: str,
-               target: int) -> dict:
+    def _score(
+        self, images: torch.Tensor, attacker: int, server_round: int, variant: str, target: int
+    ) -> dict:
         evaluator, reference = self._ground_truth()
-        record: dict[str, Any] = {"attacker": attacker, "round": server_round,
-                                  "variant": variant, "target": target}
+        record: dict[str, Any] = {
+            "attacker": attacker,
+            "round": server_round,
+            "variant": variant,
+            "target": target,
+        }
         try:
-            record.update(score_generated(images, target=target, evaluator=evaluator,
-                                          reference=reference, realism_threshold=self.threshold))
+            record.update(
+                score_generated(
+                    images,
+                    target=target,
+                    evaluator=evaluator,
+                    reference=reference,
+                    realism_threshold=self.threshold,
+                )
+            )
         except ValueError as err:  # e.g. a generator that diverged to NaN
             record.update(success=False, error=str(err))
             self.run.append_jsonl("attack.jsonl", record)
@@ -104,8 +122,15 @@ class AttackObserver:
         ev = self.cfg["eval"]
         model = build_classifier(self.cfg["model"]["name"], self.cfg["model"]["num-classes"])
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-        images = invert(model, ev["target-class"], image_shape(self.cfg["data"]["dataset"]),
-                        steps=ev["mi-steps"], lr=ev["mi-lr"], seed=self.cfg["run"]["seed"])
+        images = invert(
+            model,
+            ev["target-class"],
+            image_shape(self.cfg["data"]["dataset"]),
+            steps=ev["mi-steps"],
+            lr=ev["mi-lr"],
+            seed=self.cfg["run"]["seed"],
+        )
         rounds = [r.get("round", 0) for r in self.run.read_jsonl("metrics.jsonl")]
-        return self._score(images, -1, max(rounds, default=0), "model-inversion",
-                           ev["target-class"])
+        return self._score(
+            images, -1, max(rounds, default=0), "model-inversion", ev["target-class"]
+        )

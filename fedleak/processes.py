@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,11 +63,18 @@ class ProcessGroup:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             try:
-                popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env,
-                                         start_new_session=True)
+                popen = subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=self.env,
+                    start_new_session=True,
+                )
             except FileNotFoundError as err:
-                raise FedleakError(f"cannot start {name}: {cmd[0]} not found (is flwr installed?)") from err
+                raise FedleakError(
+                    f"cannot start {name}: {cmd[0]} not found (is flwr installed?)"
+                ) from err
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -84,15 +92,11 @@ class ProcessGroup:
             _signal_group(proc.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             _signal_group(proc.popen, signal.SIGKILL)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
 
     def __enter__(self) -> ProcessGroup:
         return self
@@ -102,10 +106,8 @@ class ProcessGroup:
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def tail(path: Path, lines: int = 15) -> str:

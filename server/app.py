@@ -26,27 +26,33 @@ def build_strategy(cfg: dict[str, Any]) -> FedAvg:
         return RobustFedAvg(fleet)
     proto = cfg["protocol"]
     shared = {k: float(proto[k]) for k in ("theta-u", "tau", "gamma", "dp-epsilon")}
-    return CollaborativeStrategy(fleet, theta_d=proto["theta-d"], protocol_config=shared,
-                                 seed=run["seed"])
+    return CollaborativeStrategy(
+        fleet, theta_d=proto["theta-d"], protocol_config=shared, seed=run["seed"]
+    )
 
 
 def train_config(cfg: dict[str, Any]) -> ConfigRecord:
     """What every participant is told each round (the agreed training procedure)."""
     train = cfg["train"]
-    return ConfigRecord({
-        "lr": float(train["lr"]),
-        "lr-decay": float(train["lr-decay"]),
-        "momentum": float(train["momentum"]),
-        "batch-size": int(train["batch-size"]),
-        "local-batches": int(train["local-batches"]),
-    })
+    return ConfigRecord(
+        {
+            "lr": float(train["lr"]),
+            "lr-decay": float(train["lr-decay"]),
+            "momentum": float(train["momentum"]),
+            "batch-size": int(train["batch-size"]),
+            "local-batches": int(train["local-batches"]),
+        }
+    )
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = from_run_config(context.run_config)
-    run = RunFolder(cfg["run"]["dir"]) if cfg["run"]["dir"] else RunFolder.create(
-        cfg["run"]["out-dir"], f"flwr-{context.run_id}")
+    run = (
+        RunFolder(cfg["run"]["dir"])
+        if cfg["run"]["dir"]
+        else RunFolder.create(cfg["run"]["out-dir"], f"flwr-{context.run_id}")
+    )
     run.write_meta(server="running")
     torch.manual_seed(cfg["run"]["seed"])
     model = build_classifier(cfg["model"]["name"], cfg["model"]["num-classes"])

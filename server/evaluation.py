@@ -51,7 +51,9 @@ class CentralEvaluation:
             record.update(self.strategy.last_round)
         self.run.append_jsonl("metrics.jsonl", record)
         self._save_model()
-        return MetricRecord({"test-accuracy": overall["accuracy"], "test-to-fake": on_target["to_fake"]})
+        return MetricRecord(
+            {"test-accuracy": overall["accuracy"], "test-to-fake": on_target["to_fake"]}
+        )
 
     def _save_model(self) -> None:
         path = self.run.path / FINAL_MODEL

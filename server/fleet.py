@@ -25,8 +25,13 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 1.0)
             return nodes
         if time.monotonic() >= deadline:
             if nodes:
-                log(WARNING, "Only %d of %d SuperNodes connected after %.0f s; continuing",
-                    len(nodes), expected, timeout)
+                log(
+                    WARNING,
+                    "Only %d of %d SuperNodes connected after %.0f s; continuing",
+                    len(nodes),
+                    expected,
+                    timeout,
+                )
                 return nodes
             raise FleetError(f"no SuperNode connected within {timeout:.0f} s (expected {expected})")
         log(INFO, "Waiting for SuperNodes: %d of %d connected", len(nodes), expected)

@@ -8,7 +8,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -42,7 +50,9 @@ class RobustFedAvg(FedAvg):
         config["server-round"] = server_round
         config["protocol"] = "fedavg"
         record = RecordDict({"arrays": arrays, "config": config})
-        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        return [
+            Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -91,8 +101,10 @@ class CollaborativeStrategy(FedAvg):
         if self.theta_d < 1.0 and node in self.served:
             masks = self._download_masks(arrays)
             record["arrays"] = ArrayRecord(
-                {k: Array(np.where(masks[k], a.numpy(), 0).astype(a.numpy().dtype))
-                 for k, a in arrays.items()}
+                {
+                    k: Array(np.where(masks[k], a.numpy(), 0).astype(a.numpy().dtype))
+                    for k, a in arrays.items()
+                }
             )
             record[MASK_KEY] = ArrayRecord({k: Array(m) for k, m in masks.items()})
         else:

@@ -24,7 +24,9 @@ def data_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Keep caches (trained evaluators) per test session, outside the user's home."""
     cache = os.environ.get("FEDLEAK_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
     monkeypatch.setenv("FEDLEAK_CACHE_DIR", cache)

@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_preset_resolves():
     names = preset_names()
-    assert {"smoke", "demo", "gan-mnist", "gan-mnist-passive", "gan-mnist-dp", "gan-faces"} <= set(names)
+    assert {"smoke", "demo", "gan-mnist", "gan-mnist-passive", "gan-mnist-dp", "gan-faces"} <= set(
+        names
+    )
     for name in names:
         cfg = load_preset(name)
         assert cfg["participants"], name
@@ -29,7 +31,11 @@ def test_gan_mnist_is_the_paper_setup():
     cfg = load_preset("gan-mnist")
     victim, attacker = cfg["participants"]
     assert (victim["role"], victim["classes"]) == ("honest", "0-4")
-    assert (attacker["role"], attacker["classes"], attacker["fake-class"]) == ("attacker", "5-9", 10)
+    assert (attacker["role"], attacker["classes"], attacker["fake-class"]) == (
+        "attacker",
+        "5-9",
+        10,
+    )
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["batch-size"] == 64
     assert cfg["attack"]["gen-lr"] == 0.02
     assert load_preset("gan-mnist-passive")["participants"][1]["mode"] == "passive"
@@ -86,8 +92,13 @@ def test_run_config_round_trip():
 def test_node_config_is_parsed_by_flower():
     from flwr.common.config import parse_config_args
 
-    spec = {"role": "attacker", "classes": "5-9", "target-class": 0, "attack.gen-lr": 1e-7,
-            "mode": "active"}
+    spec = {
+        "role": "attacker",
+        "classes": "5-9",
+        "target-class": 0,
+        "attack.gen-lr": 1e-7,
+        "mode": "active",
+    }
     parsed = parse_config_args([to_node_config(spec)])
     assert parsed == spec
 

@@ -113,6 +113,8 @@ def init_generator_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def sample_noise(n: int, nz: int = NOISE_DIM, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_noise(
+    n: int, nz: int = NOISE_DIM, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The paper's 100-d uniform input, on [-1, 1]."""
     return torch.rand(n, nz, generator=generator) * 2 - 1

@@ -1,0 +1,107 @@
+"""End to end over real processes: flower-superlink, flower-supernode, flwr run."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from fedleak.config import load_preset
+from fedleak.launcher import launch
+from fedleak.runfolder import RunFolder
+
+pytestmark = pytest.mark.integration
+
+
+def smoke(tmp_path, *overrides: str) -> dict:
+    return load_preset(
+        "smoke",
+        [f'run.out-dir="{tmp_path}"', "eval.mi-steps=5", "attack.num-samples=20", *overrides],
+    )
+
+
+def finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def flower_processes(port: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if "flower-" in line and str(port) in line and "ps -eo" not in line
+    ]
+
+
+def test_deployment_engine_two_rounds_honest_and_attacker(tmp_path):
+    report = launch(smoke(tmp_path, "run.engine=deployment", "run.rounds=2"), out=io.StringIO())
+    run = RunFolder(report.parent)
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "finished", meta.get("message")
+    assert meta["versions"]["flwr"].startswith("1.")
+    # Real, separate processes: one SuperLink and a SuperNode per participant, all stopped now.
+    assert set(meta["processes"]) == {"superlink", "supernode 0 (honest)", "supernode 1 (attacker)"}
+    assert (run.path / "logs" / "supernode-1-attacker.log").stat().st_size > 0
+    assert flower_processes(meta["superlink_port"]) == []
+
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    for m in metrics[1:]:
+        assert m["participants"] == 1 and m["rejected"] == 0
+        assert finite(m["test_accuracy"]) and finite(m["train_loss"])
+    attack = run.read_jsonl("attack.jsonl")
+    active = [a for a in attack if a["variant"] == "active"]
+    assert active, "the attacker produced no scored samples"
+    for key in ("target_rate", "nn_l2_median", "nn_ssim_target", "nn_ssim_other", "diversity"):
+        assert finite(active[0][key]), key
+    assert any(a["variant"] == "model-inversion" for a in attack)
+    assert list((run.path / "participants" / "1-attacker" / "samples").glob("round-*.pt"))
+    assert (run.path / "participants" / "1-attacker" / "state" / "generator.pt").exists()
+    assert list((run.path / "grids").glob("figure6-*.png"))
+    config = run.read_json("config.json")
+    assert config["run"]["seed"] == 0 and config["participants"][1]["role"] == "attacker"
+    html = report.read_text()
+    assert "finished" in html and "data:image/png;base64" in html
+
+
+def test_simulation_engine_same_app(tmp_path):
+    report = launch(smoke(tmp_path, "run.engine=simulation", "run.rounds=2"), out=io.StringIO())
+    run = RunFolder(report.parent)
+    assert run.read_json("meta.json")["status"] == "finished"
+    assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [0, 1, 2]
+    assert run.read_jsonl("attack.jsonl")
+
+
+def test_killed_supernode_does_not_hang_the_launcher(tmp_path):
+    cfg = smoke(tmp_path, "run.engine=deployment", "run.rounds=5", "run.round-timeout=15.0")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(report=launch(cfg, out=io.StringIO())))
+    thread.start()
+    run_dir = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and run_dir is None:
+        time.sleep(1)
+        for candidate in tmp_path.glob("*-smoke"):
+            if len(RunFolder(candidate).read_jsonl("metrics.jsonl")) >= 2:
+                run_dir = candidate
+    assert run_dir is not None, "round 1 never finished"
+    victim = RunFolder(run_dir).read_json("meta.json")["processes"]["supernode 0 (honest)"]
+    os.killpg(victim, signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the launcher hung after a SuperNode was killed"
+    run = RunFolder(result["report"].parent)
+    meta = run.read_json("meta.json")
+    assert meta["status"] in ("finished", "failed")
+    if meta["status"] == "failed":
+        assert meta["message"]
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert metrics[-1]["round"] >= 2
+    assert any(m.get("participants") == 0 for m in metrics[1:]), "no round noticed the dead node"
+    assert all(finite(m["test_accuracy"]) for m in metrics)
+    assert result["report"].exists()
