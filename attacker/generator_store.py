@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context
 from torch import nn
 
 NODE_STATE_KEY = "attacker.generator"
+TURNS_KEY = "attacker.generator-turns"  # one RecordDict key space across record types
 FILE_NAME = "generator.pt"
 
 
@@ -28,7 +29,7 @@ class GeneratorStore:
         record = self.context.state.array_records.get(NODE_STATE_KEY)
         if record is not None:
             generator.load_state_dict(record.to_torch_state_dict())
-            turns = self.context.state.config_records.get(NODE_STATE_KEY)
+            turns = self.context.state.config_records.get(TURNS_KEY)
             return int(turns["turns"]) if turns is not None else 0
         return 0
 
@@ -42,4 +43,4 @@ class GeneratorStore:
             os.replace(tmp, self.path)
         else:
             self.context.state[NODE_STATE_KEY] = ArrayRecord(generator.state_dict())
-            self.context.state[NODE_STATE_KEY] = ConfigRecord({"turns": turns})
+            self.context.state[TURNS_KEY] = ConfigRecord({"turns": turns})

@@ -8,7 +8,7 @@ and replaces the reply's parameters with the selected (optionally DP) update.
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.sparse_upload import dp_select_upload, select_upload
@@ -16,6 +16,7 @@ from clients.sparse_upload import dp_select_upload, select_upload
 LOCAL_KEY = "collaborative.local-model"
 MASK_KEY = "download-mask"
 PROTOCOL = "collaborative"
+RESYNC = "collaborative-resync"
 
 
 def _flat(record: ArrayRecord) -> tuple[list[str], list[np.ndarray]]:
@@ -36,7 +37,10 @@ def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallab
     keys, downloaded = _flat(msg.content.array_records["arrays"])
     local = context.state.array_records.get(LOCAL_KEY)
     mask_record = msg.content.array_records.get(MASK_KEY)
-    if local is not None and mask_record is not None:
+    if mask_record is not None and local is None:
+        # Restarted node: a partial download cannot be merged into a model it no longer has.
+        return _resync_reply(msg, keys, downloaded)
+    if mask_record is not None:
         masks = mask_record.to_numpy_ndarrays()
         _, own = _flat(local)
         merged = [np.where(m, d, o) for m, d, o in zip(masks, downloaded, own, strict=True)]
@@ -70,4 +74,14 @@ def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallab
     metrics = reply.content.metric_records.get("metrics")
     if metrics is not None:
         metrics["uploaded-fraction"] = float(np.count_nonzero(shared)) / shared.size
+        metrics[RESYNC] = 0.0
     return reply
+
+
+def _resync_reply(msg: Message, keys: list[str], downloaded: list[np.ndarray]) -> Message:
+    """Upload nothing this turn and ask for a full download next turn."""
+    zeros = _record(keys, [np.zeros_like(d) for d in downloaded])
+    metrics = MetricRecord(
+        {"train-loss": 0.0, "num-examples": 1, "uploaded-fraction": 0.0, RESYNC: 1.0}
+    )
+    return Message(content=RecordDict({"arrays": zeros, "metrics": metrics}), reply_to=msg)

@@ -20,7 +20,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.collaborative_mod import MASK_KEY, PROTOCOL
+from clients.collaborative_mod import MASK_KEY, PROTOCOL, RESYNC
 from clients.sparse_upload import download_mask
 from server.fleet import Fleet
 from server.replies import usable_replies
@@ -30,17 +30,32 @@ def round_metrics(metrics: MetricRecord | None) -> dict[str, float]:
     """Clients' aggregated training metrics, named for metrics.jsonl."""
     if metrics is None:
         return {}
-    return {k.replace("-", "_"): float(v) for k, v in metrics.items() if k != "num-examples"}
+    skip = ("num-examples", "collaborative-resync")
+    return {k.replace("-", "_"): float(v) for k, v in metrics.items() if k not in skip}
 
 
-class RobustFedAvg(FedAvg):
-    """FedAvg weighted by example count over the nodes still connected; bad replies dropped."""
+class FleetStrategy(FedAvg):
+    """Common ground: bounded waits for nodes, screened replies, per-round bookkeeping."""
 
     def __init__(self, fleet: Fleet) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.fleet = fleet
         self.current: ArrayRecord | None = None
         self.last_round: dict[str, Any] = {}
+
+    def screen(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        good, rejected = usable_replies(replies, self.current)
+        self.last_round = {"participants": len(good), "rejected": rejected, "sent": len(replies)}
+        return good
+
+    def record(self, metrics: MetricRecord | None) -> MetricRecord | None:
+        self.last_round.update(round_metrics(metrics))
+        return metrics
+
+
+class RobustFedAvg(FleetStrategy):
+    """FedAvg weighted by example count over the nodes still connected; bad replies dropped."""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -57,33 +72,27 @@ class RobustFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        good, rejected = usable_replies(replies, self.current)
-        self.last_round = {"participants": len(good), "rejected": rejected, "sent": len(replies)}
+        good = self.screen(replies)
         if not good:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, good)
-        self.last_round.update(round_metrics(metrics))
-        return arrays, metrics
+        return arrays, self.record(metrics)
 
 
-class CollaborativeStrategy(FedAvg):
+class CollaborativeStrategy(FleetStrategy):
     """Participants take turns; the server applies each uploaded sparse update to the global
     model and counts how often every parameter was updated (Shokri's download criterion)."""
 
     def __init__(
         self, fleet: Fleet, *, theta_d: float, protocol_config: dict[str, float], seed: int
     ) -> None:
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
-        self.fleet = fleet
+        super().__init__(fleet)
         self.theta_d = theta_d
         self.protocol_config = protocol_config
         self.rng = np.random.default_rng(seed)
-        self.current: ArrayRecord | None = None
         self.update_counts: dict[str, np.ndarray] = {}
         self.served: set[int] = set()
         self.turn = 0
-        self.last_round: dict[str, Any] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -122,11 +131,12 @@ class CollaborativeStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        good, rejected = usable_replies(replies, self.current)
-        self.last_round = {"participants": len(good), "rejected": rejected, "sent": len(replies)}
+        good = self.screen(replies)
         if not good:
             return None, None
+        for msg in good:
+            if msg.content.metric_records["metrics"].get(RESYNC, 0.0):
+                self.served.discard(msg.metadata.src_node_id)
         updated = {}
         for key, array in self.current.items():
             value = array.numpy().copy()
@@ -136,5 +146,4 @@ class CollaborativeStrategy(FedAvg):
                 self.update_counts[key] = self.update_counts.get(key, 0) + (delta != 0)
             updated[key] = Array(value)
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
-        self.last_round.update(round_metrics(metrics))
-        return ArrayRecord(updated), metrics
+        return ArrayRecord(updated), self.record(metrics)

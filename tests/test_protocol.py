@@ -194,3 +194,42 @@ def test_reply_with_wrong_shape_is_rejected():
     reference = ArrayRecord({"w": Array(np.ones(3, np.float32))})
     sent = _train_msg({"w": np.ones(3, np.float32)})
     assert "shape" in reply_problem(_reply(np.ones(4, np.float32), sent), reference)
+
+
+class _Grid:
+    """The one Grid method the strategy's node selection reads."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_partial_download_after_first_turn_and_resync():
+    strategy = CollaborativeStrategy(Fleet(1, 1, 1), theta_d=0.5, protocol_config={}, seed=0)
+    weights = ArrayRecord({"w": Array(np.arange(1, 9, dtype=np.float32))})
+    grid = _Grid([7])
+    first = list(strategy.configure_train(1, weights, ConfigRecord(), grid))[0]
+    assert MASK_KEY not in first.content.array_records  # everyone starts from the same model
+    update = np.array([1, 0, 1, 0, 1, 0, 1, 0], np.float32)
+    weights, _ = strategy.aggregate_train(1, [_reply_w(update, first)])
+    second = list(strategy.configure_train(2, weights, ConfigRecord(), grid))[0]
+    mask = second.content.array_records[MASK_KEY]["w"].numpy()
+    assert mask.sum() == 4 and np.array_equal(np.flatnonzero(mask), [0, 2, 4, 6])  # most updated
+    sent = second.content.array_records["arrays"]["w"].numpy()
+    assert np.all(sent[~mask] == 0) and np.array_equal(sent[mask], weights["w"].numpy()[mask])
+
+    # The node restarted and lost its local model: it uploads nothing and asks for everything.
+    reply = collaborative_mod(second, _context(), _trainer(1.0)[0])
+    assert reply.content.metric_records["metrics"]["collaborative-resync"] == 1.0
+    assert not reply.content.array_records["arrays"]["w"].numpy().any()
+    strategy.aggregate_train(2, [reply])
+    third = list(strategy.configure_train(3, weights, ConfigRecord(), grid))[0]
+    assert MASK_KEY not in third.content.array_records
+
+
+def _reply_w(delta: np.ndarray, to: Message) -> Message:
+    metrics = MetricRecord({"train-loss": 1.0, "num-examples": 3, "collaborative-resync": 0.0})
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(delta)}), "metrics": metrics})
+    return Message(content=content, reply_to=to)
