@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_preset(args.preset, args.overrides)
         report = launch(cfg)
-        return 0 if "finished" in _status(report.parent) else 1
+        return 0 if _status(report.parent) in ("finished", "stopped") else 1
     except FedleakError as err:
         print(f"fedleak: error: {err}", file=sys.stderr)
         return 2

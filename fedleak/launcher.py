@@ -308,7 +308,7 @@ def follow(
         if time.monotonic() - started > cfg["run"]["max-wall-time"]:
             flwr(env, "stop", str(run_id), timeout=30)
             return (
-                "failed",
+                "stopped",
                 f"stopped after run.max-wall-time = {cfg['run']['max-wall-time']:.0f} s",
             )
 

@@ -151,7 +151,7 @@ def verdict(
         kind = "success" if any(r.get("success") is True for r in attack) else "fail"
         text = " ".join(_variant_sentence(v, recs, config, threshold) for v, recs in groups.items())
     status = meta.get("status")
-    if status in ("failed", "interrupted"):
+    if status in ("failed", "interrupted", "stopped"):
         text += f" Results are partial: the run {status}."
     elif status != "finished":
         text += " The run did not record that it finished, so results may be partial."
@@ -366,11 +366,13 @@ def render(run: RunFolder, notes: list[str] | None = None) -> str:
         text = {
             "failed": "RUN FAILED",
             "interrupted": "RUN INTERRUPTED",
+            "stopped": "RUN STOPPED at its time budget",
             "running": "RUN NOT FINISHED: status is still 'running' (in progress, or killed)",
         }.get(status, f"RUN STATUS UNKNOWN ({status})")
         if msg:
             text += f": {msg}"
         cls = status if status in ("failed", "interrupted", "running") else "unknown"
+        cls = "interrupted" if status == "stopped" else cls
         banner = f'<div class="banner {cls}">{escape(text)}</div>'
     title = f"fedleak run {run.path.name} — preset {preset} — {status}"
     return "".join(
