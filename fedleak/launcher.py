@@ -209,6 +209,7 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     print(f"fedleak: run folder {run.path}", file=out, flush=True)
     status, message, run_id = "failed", "", None
     procs = ProcessGroup(env)
+    env = procs.env
     observer = AttackObserver(run, cfg)
     progress = Progress(run, cfg["run"]["rounds"], out)
     try:
@@ -248,7 +249,9 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
                     run.path / "logs" / f"supernode-{i}-{spec['role']}.log",
                 )
         write_connection(run, port)
-        run.write_meta(processes={p.name: p.popen.pid for p in procs.procs})
+        run.write_meta(
+            processes={p.name: p.popen.pid for p in procs.procs}, process_token=procs.token
+        )
         run_id = submit(run, cfg, env)
         run.write_meta(flower_run_id=run_id, superlink_port=port)
         print(

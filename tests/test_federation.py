@@ -14,6 +14,7 @@ import pytest
 
 from fedleak.config import load_preset
 from fedleak.launcher import launch
+from fedleak.processes import tagged_pids
 from fedleak.runfolder import RunFolder
 
 pytestmark = pytest.mark.integration
@@ -28,6 +29,11 @@ def smoke(tmp_path, *overrides: str) -> dict:
 
 def finite(value) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "ray::" in line and not line.startswith("Z")]
 
 
 def flower_processes(port: int) -> list[str]:
@@ -49,6 +55,7 @@ def test_deployment_engine_two_rounds_honest_and_attacker(tmp_path):
     assert set(meta["processes"]) == {"superlink", "supernode 0 (honest)", "supernode 1 (attacker)"}
     assert (run.path / "logs" / "supernode-1-attacker.log").stat().st_size > 0
     assert flower_processes(meta["superlink_port"]) == []
+    assert tagged_pids(meta["process_token"]) == []
 
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [0, 1, 2]
@@ -73,9 +80,27 @@ def test_deployment_engine_two_rounds_honest_and_attacker(tmp_path):
 def test_simulation_engine_same_app(tmp_path):
     report = launch(smoke(tmp_path, "run.engine=simulation", "run.rounds=2"), out=io.StringIO())
     run = RunFolder(report.parent)
-    assert run.read_json("meta.json")["status"] == "finished"
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "finished"
     assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [0, 1, 2]
     assert run.read_jsonl("attack.jsonl")
+    assert tagged_pids(meta["process_token"]) == []  # Ray and the simulation are gone too
+    assert ray_processes() == []
+
+
+def test_time_budget_stops_everything(tmp_path):
+    """Flower's SuperExec detaches the simulation into its own session; stopping the run at its
+    budget must still end it, or it trains on and competes for the CPU."""
+    cfg = smoke(tmp_path, "run.engine=simulation", "run.rounds=500", "run.max-wall-time=40.0")
+    report = launch(cfg, out=io.StringIO())
+    run = RunFolder(report.parent)
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "stopped" and "max-wall-time" in meta["message"]
+    assert tagged_pids(meta["process_token"]) == []
+    assert ray_processes() == []
+    rounds = len(run.read_jsonl("metrics.jsonl"))
+    time.sleep(5)
+    assert len(run.read_jsonl("metrics.jsonl")) == rounds  # nothing keeps writing
 
 
 def test_killed_supernode_does_not_hang_the_launcher(tmp_path):
@@ -105,3 +130,68 @@ def test_killed_supernode_does_not_hang_the_launcher(tmp_path):
     assert any(m.get("participants") == 0 for m in metrics[1:]), "no round noticed the dead node"
     assert all(finite(m["test_accuracy"]) for m in metrics)
     assert result["report"].exists()
+
+
+def test_plain_flwr_run_against_an_existing_superlink(tmp_path):
+    """The app is a regular Flower App: hand-started SuperLink/SuperNodes, `flwr run .`."""
+    from fedleak.launcher import app_dir, flower_env, flwr, wait_healthy, write_connection
+    from fedleak.processes import ProcessGroup, pick_ports
+
+    run = RunFolder(tmp_path / "run")
+    env = flower_env(run)
+    port, p0, p1 = pick_ports(0, 3, "test")
+    nodes = {
+        p0: 'role="honest" classes="0-4"',
+        p1: f'role="attacker" classes="5-9" target-class=0 fake-class=10 state-dir="{tmp_path}/a"',
+    }
+    with ProcessGroup(env) as procs:
+        procs.start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--port",
+                str(port),
+            ],
+            tmp_path / "superlink.log",
+        )
+        wait_healthy(procs, port)
+        for node_port, node_config in nodes.items():
+            procs.start(
+                f"node {node_port}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(node_port),
+                    "--node-config",
+                    node_config,
+                ],
+                tmp_path / f"node-{node_port}.log",
+            )
+        write_connection(run, port)
+        result = flwr(
+            env,
+            "run",
+            str(app_dir()),
+            "fedleak",
+            "--run-config",
+            f'run.rounds=2 run.dir="{run.path}" participants="[]"',
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and run.read_json("meta.json", {}).get("server") is None:
+            time.sleep(1)
+        while (
+            time.monotonic() < deadline
+            and run.read_json("meta.json", {}).get("server") == "running"
+        ):
+            time.sleep(1)
+    assert run.read_json("meta.json")["server"] == "finished"
+    assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [0, 1, 2]
+    assert list(
+        (tmp_path / "a").glob("samples/round-*.pt")
+    )  # attack settings fell back to defaults

@@ -25,12 +25,24 @@ DATASETS: tuple[str, ...] = ("mnist", "faces", "cifar10")
 
 _SHAPES = {"mnist": (1, 32, 32), "faces": (1, 64, 64), "cifar10": (3, 32, 32)}
 _NUM_CLASSES = {"mnist": 10, "faces": 40, "cifar10": 10}
-_SPLITS = {"mnist": ("train", "test"), "faces": ("train", "test", "all"),
-           "cifar10": ("train", "test")}
-CIFAR10_CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                                    "frog", "horse", "ship", "truck")
-_FIX = ("set the data root with config key `data.root` or env FEDLEAK_DATA_ROOT, "
-        "or enable download")
+_SPLITS = {
+    "mnist": ("train", "test"),
+    "faces": ("train", "test", "all"),
+    "cifar10": ("train", "test"),
+}
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+_FIX = "set the data root with config key `data.root` or env FEDLEAK_DATA_ROOT, or enable download"
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,9 @@ def num_classes(name: str) -> int:
     return _NUM_CLASSES[name]
 
 
-def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
-                 download: bool = False) -> ImageSet:
+def load_dataset(
+    name: str, split: str = "train", root: str | os.PathLike | None = None, download: bool = False
+) -> ImageSet:
     """Load a dataset split, cached per process because Flower re-creates clients per message."""
     _check_name(name)
     if split not in _SPLITS[name]:
@@ -151,10 +164,11 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
     found = int.from_bytes(data[:4], "big")
     if found != magic:
         raise DataError(f"corrupt IDX file {path}: magic {found}, expected {magic}")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     if len(data) != header + int(np.prod(shape)):
-        raise DataError(f"corrupt IDX file {path}: {len(data) - header} payload bytes, "
-                        f"header says {shape}")
+        raise DataError(
+            f"corrupt IDX file {path}: {len(data) - header} payload bytes, header says {shape}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -164,14 +178,20 @@ def _load_mnist(base: Path, split: str) -> ImageSet:
     images = _read_idx(img_path, 2051, 3)
     labels = _read_idx(lbl_path, 2049, 1)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-        raise DataError(f"MNIST files disagree: {img_path} has {images.shape}, "
-                        f"{lbl_path} has {labels.shape[0]} labels")
+        raise DataError(
+            f"MNIST files disagree: {img_path} has {images.shape}, "
+            f"{lbl_path} has {labels.shape[0]} labels"
+        )
     if labels.max(initial=0) > 9:
         raise DataError(f"corrupt MNIST labels in {lbl_path}: label {labels.max()} > 9")
     x = torch.from_numpy(images.copy()).unsqueeze(1).float()
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
-    return ImageSet(_to_unit_range(x), torch.from_numpy(labels.astype(np.int64)),
-                    tuple(str(i) for i in range(10)), "mnist")
+    return ImageSet(
+        _to_unit_range(x),
+        torch.from_numpy(labels.astype(np.int64)),
+        tuple(str(i) for i in range(10)),
+        "mnist",
+    )
 
 
 # --- AT&T / Olivetti faces ---------------------------------------------------------------------
@@ -183,8 +203,12 @@ def _faces_split(images: np.ndarray, split: str) -> ImageSet:
     shot = np.tile(np.arange(10), 40)
     keep = {"train": shot < 8, "test": shot >= 8, "all": np.ones(400, dtype=bool)}[split]
     x = torch.from_numpy(np.ascontiguousarray(images[keep])).unsqueeze(1)
-    return ImageSet(_to_unit_range(x), torch.from_numpy(labels[keep].astype(np.int64)),
-                    tuple(f"s{k}" for k in range(1, 41)), "faces")
+    return ImageSet(
+        _to_unit_range(x),
+        torch.from_numpy(labels[keep].astype(np.int64)),
+        tuple(f"s{k}" for k in range(1, 41)),
+        "faces",
+    )
 
 
 def _faces_from_mat(path: Path) -> np.ndarray:
@@ -228,8 +252,10 @@ def _load_faces(base: Path, split: str) -> ImageSet:
     pgm = base / "olivetti" / "att_faces"
     if pgm.is_dir():
         return _faces_split(_faces_from_pgm(pgm), split)
-    raise DataError(f"dataset file not found: {mat} (nor {pgm}); set the data root with config "
-                    "key `data.root` or env FEDLEAK_DATA_ROOT (faces cannot be downloaded)")
+    raise DataError(
+        f"dataset file not found: {mat} (nor {pgm}); set the data root with config "
+        "key `data.root` or env FEDLEAK_DATA_ROOT (faces cannot be downloaded)"
+    )
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------------
@@ -240,8 +266,10 @@ def _load_cifar10(base: Path, split: str) -> ImageSet:
         return _cifar10_torchvision(base, split)
     folder = base / "cifar10-subset" / split
     if not folder.is_dir():
-        raise DataError(f"dataset file not found: {base / 'cifar-10-batches-py'} "
-                        f"(nor the PNG subset {folder}); {_FIX}")
+        raise DataError(
+            f"dataset file not found: {base / 'cifar-10-batches-py'} "
+            f"(nor the PNG subset {folder}); {_FIX}"
+        )
     return _cifar10_png(folder)
 
 
@@ -251,11 +279,14 @@ def _cifar10_torchvision(base: Path, split: str) -> ImageSet:
     try:
         ds = datasets.CIFAR10(str(base), train=split == "train", download=False)
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(f"cannot load CIFAR-10 from {base / 'cifar-10-batches-py'}: "
-                        f"{exc}") from exc
+        raise DataError(f"cannot load CIFAR-10 from {base / 'cifar-10-batches-py'}: {exc}") from exc
     x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
-    return ImageSet(_to_unit_range(x).contiguous(),
-                    torch.as_tensor(ds.targets, dtype=torch.int64), tuple(ds.classes), "cifar10")
+    return ImageSet(
+        _to_unit_range(x).contiguous(),
+        torch.as_tensor(ds.targets, dtype=torch.int64),
+        tuple(ds.classes),
+        "cifar10",
+    )
 
 
 def _cifar10_png(folder: Path) -> ImageSet:
@@ -280,8 +311,12 @@ def _cifar10_png(folder: Path) -> ImageSet:
     if not arrays:
         raise DataError(f"no PNG images under {folder}; {_FIX}")
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return ImageSet(_to_unit_range(x).contiguous(), torch.tensor(labels, dtype=torch.int64),
-                    CIFAR10_CLASSES, "cifar10")
+    return ImageSet(
+        _to_unit_range(x).contiguous(),
+        torch.tensor(labels, dtype=torch.int64),
+        CIFAR10_CLASSES,
+        "cifar10",
+    )
 
 
 # --- downloads ---------------------------------------------------------------------------------
@@ -290,10 +325,14 @@ def _cifar10_png(folder: Path) -> ImageSet:
 def _download(name: str, split: str, base: Path) -> None:
     """Fetch missing files with torchvision; parsing stays ours so offline and online agree."""
     if name == "faces":
-        if not (base / "olivetti" / "olivettifaces.mat").is_file() and not (
-                base / "olivetti" / "att_faces").is_dir():
-            raise DataError(f"faces cannot be downloaded (torchvision has no downloader for "
-                            f"AT&T faces); place olivettifaces.mat under {base / 'olivetti'}")
+        if (
+            not (base / "olivetti" / "olivettifaces.mat").is_file()
+            and not (base / "olivetti" / "att_faces").is_dir()
+        ):
+            raise DataError(
+                f"faces cannot be downloaded (torchvision has no downloader for "
+                f"AT&T faces); place olivettifaces.mat under {base / 'olivetti'}"
+            )
         return
     if name == "cifar10":
         if (base / "cifar-10-batches-py").is_dir():

@@ -53,8 +53,9 @@ def iid(num_items: int, num_parts: int, seed: int) -> list[np.ndarray]:
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_parts)]
 
 
-def dirichlet(labels, num_parts: int, alpha: float, seed: int,
-              min_size: int = 1) -> list[np.ndarray]:
+def dirichlet(
+    labels, num_parts: int, alpha: float, seed: int, min_size: int = 1
+) -> list[np.ndarray]:
     """Label-skewed split (Hsu et al. 2019): small alpha concentrates each class on few parts.
 
     Resampling rather than patching small parts keeps the Dirichlet statistics intact.
@@ -64,8 +65,9 @@ def dirichlet(labels, num_parts: int, alpha: float, seed: int,
     if not alpha > 0:
         raise ConfigError(f"dirichlet alpha must be > 0, got {alpha!r}")
     if min_size < 0 or num_parts * min_size > arr.size:
-        raise ConfigError(f"cannot give {num_parts} parts at least {min_size} of "
-                          f"{arr.size} items each")
+        raise ConfigError(
+            f"cannot give {num_parts} parts at least {min_size} of {arr.size} items each"
+        )
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(arr == c) for c in np.unique(arr)]
     for _ in range(_MAX_DIRICHLET_TRIES):
@@ -76,13 +78,17 @@ def dirichlet(labels, num_parts: int, alpha: float, seed: int,
             cuts = (np.cumsum(share)[:-1] * idx.size).astype(np.int64)
             for part, piece in zip(chunks, np.split(idx, cuts), strict=True):
                 part.append(piece)
-        parts = [np.sort(np.concatenate(c)).astype(np.int64) if c else np.empty(0, np.int64)
-                 for c in chunks]
+        parts = [
+            np.sort(np.concatenate(c)).astype(np.int64) if c else np.empty(0, np.int64)
+            for c in chunks
+        ]
         if min(p.size for p in parts) >= min_size:
             return parts
-    raise ConfigError(f"dirichlet split with alpha={alpha} left a part with fewer than "
-                      f"{min_size} items after {_MAX_DIRICHLET_TRIES} tries; "
-                      "raise alpha or lower the number of parts")
+    raise ConfigError(
+        f"dirichlet split with alpha={alpha} left a part with fewer than "
+        f"{min_size} items after {_MAX_DIRICHLET_TRIES} tries; "
+        "raise alpha or lower the number of parts"
+    )
 
 
 _RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)")
@@ -106,8 +112,10 @@ def parse_classes(spec: str | Sequence[int]) -> list[int]:
             elif _INT.fullmatch(token):
                 out.add(int(token))
             else:
-                raise ConfigError(f"bad class spec {spec!r}: cannot parse {token!r} "
-                                  "(use e.g. '0,1,2', '0-4' or '0-4,7')")
+                raise ConfigError(
+                    f"bad class spec {spec!r}: cannot parse {token!r} "
+                    "(use e.g. '0,1,2', '0-4' or '0-4,7')"
+                )
         return sorted(out)
     try:
         values = list(spec)

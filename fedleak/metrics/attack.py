@@ -42,8 +42,10 @@ def _check_generated(generated: torch.Tensor, reference_images: torch.Tensor) ->
         )
     bad = int((~torch.isfinite(gen.flatten(1))).any(dim=1).sum())
     if bad:
-        raise ValueError(f"{bad} of {len(gen)} generated images contain NaN or Inf "
-                         "(the generator diverged); refusing to score them")
+        raise ValueError(
+            f"{bad} of {len(gen)} generated images contain NaN or Inf "
+            "(the generator diverged); refusing to score them"
+        )
     return gen
 
 
@@ -72,8 +74,9 @@ def _knn(query: torch.Tensor, ref: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return torch.cat(dists), torch.cat(idxs)
 
 
-def nearest_images(generated: torch.Tensor, reference_images: torch.Tensor,
-                   k: int = 1) -> torch.Tensor:
+def nearest_images(
+    generated: torch.Tensor, reference_images: torch.Tensor, k: int = 1
+) -> torch.Tensor:
     """Indices (N x k, nearest first) of each generated image's nearest reference images by L2."""
     ref = _as_batch(getattr(reference_images, "images", reference_images), "reference images")
     return _knn(_check_generated(generated, ref), ref, k)[1]
@@ -83,8 +86,11 @@ def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     # Images are CxHxW in [-1, 1]: data_range 2. The default 7x7 window fits 32x32 and 64x64.
     if a.shape[0] == 1:
         return float(structural_similarity(a[0].numpy(), b[0].numpy(), data_range=2.0))
-    return float(structural_similarity(a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(),
-                                       data_range=2.0, channel_axis=-1))
+    return float(
+        structural_similarity(
+            a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(), data_range=2.0, channel_axis=-1
+        )
+    )
 
 
 def _best_ssim(gen: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
@@ -92,8 +98,9 @@ def _best_ssim(gen: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> torc
     return torch.tensor([max(_ssim(g[n], r[j]) for j in cand[n].tolist()) for n in range(len(g))])
 
 
-def nn_ssim(generated: torch.Tensor, reference_images: torch.Tensor,
-            candidates: int = 32) -> torch.Tensor:
+def nn_ssim(
+    generated: torch.Tensor, reference_images: torch.Tensor, candidates: int = 32
+) -> torch.Tensor:
     """Per generated image, the best SSIM (scikit-image) against the reference images.
 
     SSIM is too slow to compute against thousands of images, so only each image's ``candidates``
@@ -107,8 +114,9 @@ def nn_ssim(generated: torch.Tensor, reference_images: torch.Tensor,
 
 def _mean_pairwise(x: torch.Tensor) -> float:
     flat = x.flatten(1).double()
-    total = sum(float(torch.cdist(flat[s : s + _CHUNK], flat).sum())
-                for s in range(0, len(flat), _CHUNK))
+    total = sum(
+        float(torch.cdist(flat[s : s + _CHUNK], flat).sum()) for s in range(0, len(flat), _CHUNK)
+    )
     return total / (len(flat) * (len(flat) - 1))  # the zero diagonal is excluded by the divisor
 
 
@@ -116,8 +124,9 @@ def _sample(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return x if len(x) <= n else x[torch.randperm(len(x), generator=gen)[:n]]
 
 
-def _subsample_per_class(images: torch.Tensor, labels: torch.Tensor, max_per_class: int | None,
-                         gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _subsample_per_class(
+    images: torch.Tensor, labels: torch.Tensor, max_per_class: int | None, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     if max_per_class is None:
         return images, labels
     keep = []
@@ -154,8 +163,9 @@ def score_generated(
     ref_all = _as_batch(reference.images, "reference images")
     gen = _check_generated(generated, ref_all)
     rng = torch.Generator().manual_seed(SEED)
-    ref, labels = _subsample_per_class(ref_all, torch.as_tensor(reference.labels), max_per_class,
-                                       rng)
+    ref, labels = _subsample_per_class(
+        ref_all, torch.as_tensor(reference.labels), max_per_class, rng
+    )
     is_target = labels == target
     if not is_target.any():
         raise ValueError(f"reference set has no images of target class {target}")

@@ -33,8 +33,10 @@ def logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> to
         raise ValueError(f"expected a non-empty NxCxHxW batch, got shape {tuple(images.shape)}")
     device = _device(model)
     with eval_mode(model):
-        outs = [model(images[i : i + batch_size].to(device)).cpu()
-                for i in range(0, len(images), batch_size)]
+        outs = [
+            model(images[i : i + batch_size].to(device)).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(outs)
 
 
@@ -52,16 +54,18 @@ def _check_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> float:
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> float:
     """Fraction of images whose predicted label equals the true label."""
     labels = _check_labels(images, labels)
     return float((predict(model, images, batch_size) == labels).float().mean())
 
 
 @torch.no_grad()
-def class_rates(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                fake_class: int | None) -> dict:
+def class_rates(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, fake_class: int | None
+) -> dict:
     """Overall and per-class accuracy, and how many images the model calls ``fake_class``.
 
     ``to_fake`` measures the victim-side cost of an active GAN attack: real images pushed into

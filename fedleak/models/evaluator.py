@@ -95,8 +95,12 @@ def _augment(x: torch.Tensor, shift: int, flip: bool, gen: torch.Generator) -> t
         off = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
         rows = (off[0][:, None] + torch.arange(h))[:, None, :, None]
         cols = (off[1][:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[:, None, None],
-                   rows, cols]
+        x = padded[
+            torch.arange(n)[:, None, None, None],
+            torch.arange(x.shape[1])[:, None, None],
+            rows,
+            cols,
+        ]
     return x
 
 
