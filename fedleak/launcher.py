@@ -129,6 +129,42 @@ def wait_healthy(procs: ProcessGroup, port: int, timeout: float = 60.0) -> None:
     raise FedleakError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
+def start_superlink(procs: ProcessGroup, port: int, log_dir: Path, simulation: bool) -> None:
+    """A SuperLink on localhost whose one port serves SuperNodes, the CLI and the ServerApp."""
+    cmd = [
+        "flower-superlink",
+        "--insecure",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    procs.start(
+        "superlink", cmd + (["--simulation"] if simulation else []), log_dir / "superlink.log"
+    )
+    wait_healthy(procs, port)
+
+
+def start_supernode(
+    procs: ProcessGroup, superlink_port: int, port: int, node_config: str, name: str, log: Path
+) -> None:
+    procs.start(
+        name,
+        [
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{superlink_port}",
+            "--port",
+            str(port),
+            "--node-config",
+            node_config,
+        ],
+        log,
+    )
+
+
 def flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -215,37 +251,19 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     try:
         observer.prepare()
         port = pick_ports(cfg["deployment"]["superlink-port"], 1, "deployment.superlink-port")[0]
-        superlink = [
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        if engine == "simulation":
-            superlink.append("--simulation")
-        procs.start("superlink", superlink, run.path / "logs" / "superlink.log")
-        wait_healthy(procs, port)
+        start_superlink(procs, port, run.path / "logs", simulation=engine == "simulation")
         if engine == "deployment":
             node_ports = pick_ports(
                 cfg["deployment"]["node-ports"], len(participants), "deployment.node-ports"
             )
             for i, node_port in enumerate(node_ports):
                 spec = participant_spec(cfg, i) | {"index": i}
-                procs.start(
+                start_supernode(
+                    procs,
+                    port,
+                    node_port,
+                    to_node_config(spec),
                     f"supernode {i} ({spec['role']})",
-                    [
-                        "flower-supernode",
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--port",
-                        str(node_port),
-                        "--node-config",
-                        to_node_config(spec),
-                    ],
                     run.path / "logs" / f"supernode-{i}-{spec['role']}.log",
                 )
         write_connection(run, port)

@@ -134,7 +134,14 @@ def test_killed_supernode_does_not_hang_the_launcher(tmp_path):
 
 def test_plain_flwr_run_against_an_existing_superlink(tmp_path):
     """The app is a regular Flower App: hand-started SuperLink/SuperNodes, `flwr run .`."""
-    from fedleak.launcher import app_dir, flower_env, flwr, wait_healthy, write_connection
+    from fedleak.launcher import (
+        app_dir,
+        flower_env,
+        flwr,
+        start_superlink,
+        start_supernode,
+        write_connection,
+    )
     from fedleak.processes import ProcessGroup, pick_ports
 
     run = RunFolder(tmp_path / "run")
@@ -145,36 +152,19 @@ def test_plain_flwr_run_against_an_existing_superlink(tmp_path):
         p1: f'role="attacker" classes="5-9" target-class=0 fake-class=10 state-dir="{tmp_path}/a"',
     }
     with ProcessGroup(env) as procs:
-        procs.start(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--port",
-                str(port),
-            ],
-            tmp_path / "superlink.log",
-        )
-        wait_healthy(procs, port)
+        start_superlink(procs, port, tmp_path, simulation=False)
         for node_port, node_config in nodes.items():
-            procs.start(
+            start_supernode(
+                procs,
+                port,
+                node_port,
+                node_config,
                 f"node {node_port}",
-                [
-                    "flower-supernode",
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--port",
-                    str(node_port),
-                    "--node-config",
-                    node_config,
-                ],
                 tmp_path / f"node-{node_port}.log",
             )
         write_connection(run, port)
         result = flwr(
-            env,
+            procs.env,
             "run",
             str(app_dir()),
             "fedleak",
