@@ -75,14 +75,12 @@ def _status(run_dir: Path) -> str:
 def _report(run_dir: Path) -> int:
     from fedleak.observer import AttackObserver
     from fedleak.report import write_report
-    from fedleak.report.plots import plot_metrics
     from fedleak.runfolder import RunFolder
 
     if not (run_dir / "config.json").exists():
         raise FedleakError(f"{run_dir} is not a run folder (no config.json)")
     run = RunFolder(run_dir)
     AttackObserver(run, run.read_json("config.json")).poll()
-    plot_metrics(run)
     print(write_report(run_dir))
     return 0
 

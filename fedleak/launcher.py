@@ -352,7 +352,6 @@ def finish(
     out,
 ) -> Path:
     from fedleak.report import write_report
-    from fedleak.report.plots import plot_metrics
     from server.evaluation import FINAL_MODEL
 
     try:
@@ -365,7 +364,6 @@ def finish(
         status, message = "interrupted", "stopped by Ctrl-C"
     run.write_meta(status=status, message=message, finished=now_iso())
     shutil.rmtree(run.path / "flwr-home" / "local-superlink", ignore_errors=True)
-    plot_metrics(run)
     report = write_report(run.path)
     print(f"fedleak: {status}{': ' + message if message else ''}", file=out, flush=True)
     print(f"fedleak: report {report}", file=out, flush=True)
