@@ -10,12 +10,14 @@ from flwr.clientapp import ClientApp
 
 from clients.collaborative_mod import collaborative_mod
 from clients.participant import Participant, local_data, participant
-from clients.training import local_sgd
+from clients.privacy_mods import local_dp_mod, update_defense_mod
+from clients.training import local_sgd, round_examples, sgd_on_examples
 from fedleak.data import load_dataset
 from fedleak.metrics.classification import accuracy
 from fedleak.models import build_classifier
 
-app = ClientApp(mods=[collaborative_mod])
+# Outermost first: Flower's local DP noises what the update defenses left, on fedavg/fedsgd.
+app = ClientApp(mods=[local_dp_mod, update_defense_mod, collaborative_mod])
 
 PROGRESS_KEY = "training"
 
@@ -42,6 +44,10 @@ def reply(msg: Message, model: torch.nn.Module, loss: float, examples: int) -> M
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     me = participant(context)
+    if me.is_attacker and me.settings.get("mode") == "inversion":
+        from attacker.inversion_client import inversion_attacker_train
+
+        return inversion_attacker_train(msg, context, me)
     if me.is_attacker:
         from attacker.gan import attacker_train  # the attack's code loads only on its node
 
@@ -50,8 +56,43 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def honest_train(msg: Message, context: Context, me: Participant) -> Message:
+    model, loss, examples = train_locally(msg, context, me)
+    return reply(msg, model, loss, examples)
+
+
+def round_batch(
+    me: Participant, run_config: dict, config: ConfigRecord
+) -> tuple[torch.Tensor, ...]:
+    """The examples this participant trains on this round (fedsgd, or fedavg with
+    examples-per-round): a fixed draw from its partition, recomputable by the evaluation."""
+    data = local_data(me, run_config)
+    count = int(
+        config["batch-size"] if config["protocol"] == "fedsgd" else config["examples-per-round"]
+    )
+    idx = round_examples(
+        len(data), count, int(run_config["run.seed"]), me.index, int(config["server-round"])
+    )
+    return data.images[idx], data.labels[idx]
+
+
+def train_locally(
+    msg: Message, context: Context, me: Participant
+) -> tuple[torch.nn.Module, float, int]:
+    """The agreed local training on the received model: (model, mean loss, examples used)."""
     config = msg.content.config_records["config"]
     model = model_from(msg, context)
+    protocol = str(config.get("protocol", "fedavg"))
+    if protocol == "fedsgd" or int(config.get("examples-per-round", 0)) > 0:
+        images, labels = round_batch(me, context.run_config, config)
+        loss = sgd_on_examples(
+            model,
+            images,
+            labels,
+            steps=1 if protocol == "fedsgd" else int(config["local-batches"]),
+            batch_size=int(config["batch-size"]),
+            lr=float(config["lr"]),
+        )
+        return model, loss, len(images)
     data = local_data(me, context.run_config)
     gen = torch.Generator().manual_seed(
         int(context.run_config["run.seed"]) * 1000 + me.index + 7 * int(config["server-round"])
@@ -69,7 +110,7 @@ def honest_train(msg: Message, context: Context, me: Participant) -> Message:
         generator=gen,
     )
     context.state[PROGRESS_KEY] = ConfigRecord({"steps": offset + int(config["local-batches"])})
-    return reply(msg, model, loss, len(data))
+    return model, loss, len(data)
 
 
 @app.evaluate()

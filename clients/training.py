@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fedleak.data import ImageSet
 
@@ -54,5 +54,40 @@ def local_sgd(
         loss = loss_fn(model(torch.cat(xs)), torch.cat(ys))
         loss.backward()
         opt.step()
+        total += loss.item()
+    return total / steps
+
+
+def round_examples(
+    num_examples: int, count: int, seed: int, index: int, server_round: int
+) -> Tensor:
+    """Indices of the ``count`` examples participant ``index`` trains on in ``server_round``.
+
+    A pure function of its arguments, so the testbed's evaluation can recompute a victim's
+    private batch for scoring without the victim ever writing it anywhere.
+    """
+    if count > num_examples:
+        raise ValueError(f"{count} examples per round, but the partition holds {num_examples}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index * 10_007 + server_round)
+    return torch.randperm(num_examples, generator=gen)[:count]
+
+
+def sgd_on_examples(
+    model: nn.Module, images: Tensor, labels: Tensor, *, steps: int, batch_size: int, lr: float
+) -> float:
+    """Plain SGD over fixed examples: step ``t`` uses the ``t mod k``-th of the ``k`` consecutive
+    chunks of ``batch_size`` (no shuffle), the FedAvg client the inversion attacks model.
+    One step on one chunk is a FedSGD step. Returns the mean loss."""
+    model.train()
+    xs, ys = images.split(batch_size), labels.split(batch_size)
+    total = 0.0
+    for step in range(steps):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(xs[step % len(xs)]), ys[step % len(xs)])
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= lr * p.grad
         total += loss.item()
     return total / steps

@@ -16,8 +16,8 @@ from fedleak.errors import ConfigError
 
 ROLES = ("honest", "attacker")
 ENGINES = ("simulation", "deployment")
-PROTOCOLS = ("collaborative", "fedavg")
-ATTACK_MODES = ("active", "passive")
+PROTOCOLS = ("collaborative", "fedavg", "fedsgd")
+ATTACK_MODES = ("active", "passive", "inversion")  # GAN variants, gradient inversion
 PARTITIONS = ("labels", "iid", "dirichlet")
 # Keys a participant may carry; attack.* settings are merged into an attacker's entry.
 PARTICIPANT_KEYS = {"role", "classes", "target-class", "fake-class", "mode", "state-dir", "out-dir"}
@@ -156,6 +156,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.batch-size and train.local-batches must be at least 1")
     if not cfg["participants"]:
         raise ConfigError("the config has no [[participants]]")
+    _validate_inversion(cfg)
+    _validate_defense(cfg)
     for i, p in enumerate(cfg["participants"]):
         validate_participant(p, cfg["model"]["num-classes"], where=f"participants.{i}")
     return cfg
@@ -174,10 +176,57 @@ def validate_participant(p: dict[str, Any], num_classes: int, where: str = "part
         raise ConfigError(f"{where}.classes {classes} outside 0..{num_classes - 1}")
     if p["role"] == "attacker":
         _choice(f"{where}.mode", p.get("mode", "active"), ATTACK_MODES)
+        if p.get("mode") == "inversion":
+            return
         for key in ("target-class", "fake-class"):
             value = p.get(key)
             if not isinstance(value, int) or not 0 <= value < num_classes:
                 raise ConfigError(f"{where}.{key} must be a class index, got {value!r}")
+
+
+def _validate_defense(cfg: Config) -> None:
+    from clients.defenses import parse_defenses
+
+    defense = cfg["defense"]
+    try:
+        parse_defenses(defense["client"])
+    except ValueError as err:
+        raise ConfigError(f"defense.client: {err}") from err
+    for key in ("local-dp-epsilon", "local-dp-delta", "server-dp-noise"):
+        if defense[key] < 0:
+            raise ConfigError(f"defense.{key} must be >= 0")
+    for key in ("local-dp-clip", "server-dp-clip"):
+        if defense[key] <= 0:
+            raise ConfigError(f"defense.{key} must be > 0")
+    uses = defense["client"] != "none" or defense["local-dp-epsilon"] or defense["server-dp-noise"]
+    if uses and cfg["run"]["protocol"] == "collaborative":
+        raise ConfigError(
+            "the defense.* settings apply to fedavg/fedsgd (collaborative has its own)"
+        )
+    if defense["local-dp-epsilon"] and not 0 < defense["local-dp-delta"] < 1:
+        raise ConfigError("defense.local-dp-delta must be in (0, 1)")
+
+
+def _validate_inversion(cfg: Config) -> None:
+    """Gradient inversion needs updates it can model: plain SGD steps on a known batch."""
+    inverting = cfg["server"]["curious"] or any(
+        p.get("mode") == "inversion" for p in cfg["participants"]
+    )
+    if not inverting:
+        return
+    run, train = cfg["run"], cfg["train"]
+    if run["protocol"] == "collaborative":
+        raise ConfigError("gradient inversion runs on the fedsgd or fedavg protocol")
+    if run["protocol"] == "fedavg" and train["examples-per-round"] < 1:
+        raise ConfigError("gradient inversion on fedavg needs train.examples-per-round > 0")
+    if train["momentum"] != 0 or train["lr-decay"] != 0:
+        raise ConfigError("gradient inversion assumes plain SGD: train.momentum = lr-decay = 0")
+    from attacker.inversion import ATTACKS
+
+    names = [cfg["attack"]["inversion"], cfg["server"]["inversion"]]
+    for name in names:
+        if name not in ATTACKS:
+            raise ConfigError(f"unknown inversion attack {name!r} (known: {sorted(ATTACKS)})")
 
 
 def _attack_keys() -> set[str]:
@@ -203,7 +252,7 @@ def participant_spec(cfg: Config, index: int) -> dict[str, Any]:
 
 # --- Flower run config ---------------------------------------------------------------------
 
-FLAT_SECTIONS = ("run", "data", "model", "train", "protocol", "eval")
+FLAT_SECTIONS = ("run", "data", "model", "train", "protocol", "eval", "server", "defense")
 
 
 def to_run_config(cfg: Config, include_participants: bool) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import fedleak
 from fedleak.config import participant_spec, to_node_config, to_run_config
 from fedleak.data import load_dataset
 from fedleak.errors import FedleakError
+from fedleak.inversion_observer import InversionObserver
 from fedleak.models import model_dataset
 from fedleak.observer import AttackObserver
 from fedleak.processes import ProcessGroup, ensure_port_free, pick_ports, tail
@@ -200,6 +201,23 @@ def run_status(env: dict[str, str], run_id: int) -> str:
         return "unknown"
 
 
+class Observers:
+    """Both attack families' scoring, polled together while the federation runs."""
+
+    def __init__(self, run: RunFolder, cfg: dict[str, Any]) -> None:
+        self.gan = AttackObserver(run, cfg)
+        self.inversion = InversionObserver(run, cfg)
+
+    def prepare(self) -> None:
+        self.gan.prepare()
+
+    def poll(self) -> list[dict]:
+        return self.gan.poll() + self.inversion.poll()
+
+    def model_inversion(self, model_path: Path) -> dict | None:
+        return self.gan.model_inversion(model_path)
+
+
 class Progress:
     """Prints new rounds and attack scores as they appear in the run folder."""
 
@@ -220,6 +238,9 @@ class Progress:
             print(line, file=self.out, flush=True)
         self.seen = len(metrics)
         for rec in attack:
+            if rec.get("kind") == "inversion":
+                self._show_inversion(rec)
+                continue
             if "error" in rec:
                 print(
                     f"  attack {rec['variant']} round {rec['round']}: {rec['error']}", file=self.out
@@ -234,6 +255,22 @@ class Progress:
                 flush=True,
             )
 
+    def _show_inversion(self, rec: dict) -> None:
+        who = (
+            "adversarial client"
+            if rec["threat"] == "client"
+            else f"curious server (node {rec.get('node')})"
+        )
+        if "error" in rec:
+            line = f"  inversion by {who}, round {rec['round']}: {rec['error']}"
+        else:
+            line = (
+                f"  inversion by {who}, round {rec['round']}: PSNR {rec['psnr']:.1f} dB, "
+                f"SSIM {rec['ssim']:.3f}, labels {rec['label_accuracy']:.0%}, "
+                f"{rec.get('seconds', 0):.0f} s ({rec.get('attack')}, {rec.get('update')})"
+            )
+        print(line, file=self.out, flush=True)
+
 
 def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     """Run one experiment end to end; returns the report's path."""
@@ -246,7 +283,7 @@ def launch(cfg: dict[str, Any], out=sys.stdout) -> Path:
     status, message, run_id = "failed", "", None
     procs = ProcessGroup(env)
     env = procs.env
-    observer = AttackObserver(run, cfg)
+    observer = Observers(run, cfg)
     progress = Progress(run, cfg["run"]["rounds"], out)
     try:
         observer.prepare()
@@ -298,7 +335,7 @@ def follow(
     env: dict[str, str],
     run_id: int,
     procs: ProcessGroup,
-    observer: AttackObserver,
+    observer: Observers,
     progress: Progress,
     out,
 ) -> tuple[str, str]:
@@ -345,7 +382,7 @@ def save_server_log(run: RunFolder, env: dict[str, str], run_id: int) -> None:
 def finish(
     run: RunFolder,
     cfg: dict[str, Any],
-    observer: AttackObserver,
+    observer: Observers,
     progress: Progress,
     status: str,
     message: str,
@@ -357,7 +394,7 @@ def finish(
     try:
         progress.show(observer.poll())
         if cfg["eval"]["model-inversion"] and any(
-            p["role"] == "attacker" for p in cfg["participants"]
+            p["role"] == "attacker" and p.get("mode") != "inversion" for p in cfg["participants"]
         ):
             progress.show([r for r in [observer.model_inversion(run.path / FINAL_MODEL)] if r])
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ def attacker_out_dirs(cfg: dict[str, Any]) -> list[tuple[int, Path]]:
     return [
         (i, Path(p["out-dir"]))
         for i, p in enumerate(cfg["participants"])
-        if p["role"] == "attacker" and p.get("out-dir")
+        if p["role"] == "attacker" and p.get("mode") != "inversion" and p.get("out-dir")
     ]
 
 

@@ -7,28 +7,62 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from fedleak.config import from_run_config
+from fedleak.data import image_shape
 from fedleak.models import build_classifier
 from fedleak.runfolder import RunFolder
+from server.curious import CuriousServer
 from server.evaluation import CentralEvaluation
 from server.fleet import Fleet
-from server.strategies import CollaborativeStrategy, RobustFedAvg
+from server.strategies import CollaborativeStrategy, FleetStrategy, RobustFedAvg
 
 app = ServerApp()
+SERVER_ATTACK_DIR = "server-attack"
 
 
-def build_strategy(cfg: dict[str, Any]) -> FedAvg:
+def build_strategy(cfg: dict[str, Any]) -> FleetStrategy:
     run = cfg["run"]
     fleet = Fleet(cfg["num-participants"], run["startup-timeout"], run["round-timeout"])
-    if run["protocol"] == "fedavg":
-        return RobustFedAvg(fleet)
+    if run["protocol"] in ("fedavg", "fedsgd"):
+        return RobustFedAvg(fleet, protocol=run["protocol"])
     proto = cfg["protocol"]
     shared = {k: float(proto[k]) for k in ("theta-u", "tau", "gamma", "dp-epsilon")}
     return CollaborativeStrategy(
         fleet, theta_d=proto["theta-d"], protocol_config=shared, seed=run["seed"]
     )
+
+
+def wrap_strategy(
+    strategy: FleetStrategy, cfg: dict[str, Any], model: torch.nn.Module, run: RunFolder
+) -> Strategy:
+    """Behaviour added by composition: Flower's central DP, then the curious server outermost
+    (it sees the raw individual updates, whatever the server does with them afterwards)."""
+    wrapped: Strategy = strategy
+    defense = cfg["defense"]
+    if defense["server-dp-noise"] > 0:
+        wrapped = DifferentialPrivacyServerSideFixedClipping(
+            wrapped,
+            noise_multiplier=defense["server-dp-noise"],
+            clipping_norm=defense["server-dp-clip"],
+            num_sampled_clients=cfg["num-participants"],
+        )
+    server = cfg["server"]
+    if server["curious"]:
+        wrapped = CuriousServer(
+            wrapped,
+            model,
+            run.path / SERVER_ATTACK_DIR,
+            attack=server["inversion"],
+            num_classes=cfg["model"]["num-classes"],
+            image_shape=image_shape(cfg["data"]["dataset"]),
+            iterations=server["inversion-iterations"],
+            restarts=server["inversion-restarts"],
+            rounds=server["inversion-rounds"],
+            seed=int(cfg["run"]["seed"]),
+        )
+    return wrapped
 
 
 def train_config(cfg: dict[str, Any]) -> ConfigRecord:
@@ -41,6 +75,7 @@ def train_config(cfg: dict[str, Any]) -> ConfigRecord:
             "momentum": float(train["momentum"]),
             "batch-size": int(train["batch-size"]),
             "local-batches": int(train["local-batches"]),
+            "examples-per-round": int(train["examples-per-round"]),
         }
     )
 
@@ -59,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     evaluation = CentralEvaluation(cfg, run, strategy)
     try:
-        strategy.start(
+        wrap_strategy(strategy, cfg, model, run).start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=cfg["run"]["rounds"],

@@ -55,7 +55,15 @@ class FleetStrategy(FedAvg):
 
 
 class RobustFedAvg(FleetStrategy):
-    """FedAvg weighted by example count over the nodes still connected; bad replies dropped."""
+    """FedAvg weighted by example count over the nodes still connected; bad replies dropped.
+
+    ``protocol="fedsgd"`` tells clients to take one SGD step on one batch (FedSGD as FedAvg with
+    one local step). The cohort size is declared with the config, as the protocol's metadata.
+    """
+
+    def __init__(self, fleet: Fleet, protocol: str = "fedavg") -> None:
+        super().__init__(fleet)
+        self.protocol = protocol
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -63,7 +71,8 @@ class RobustFedAvg(FleetStrategy):
         self.current = arrays
         nodes = self.fleet.nodes(grid)
         config["server-round"] = server_round
-        config["protocol"] = "fedavg"
+        config["protocol"] = self.protocol
+        config["cohort-size"] = len(nodes)
         record = RecordDict({"arrays": arrays, "config": config})
         return [
             Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes

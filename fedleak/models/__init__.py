@@ -8,11 +8,22 @@ from torch import nn
 
 from fedleak.errors import ConfigError
 from fedleak.models.hitaj import FacesCNN, MnistCNN, faces_generator, mnist_generator
+from fedleak.models.leakage import SigmoidLeNet
+
+
+def _dlg_lenet(num_classes: int) -> nn.Module:
+    return SigmoidLeNet(num_classes, in_channels=3, image_size=32)
+
+
+def _no_generator() -> nn.Module:
+    raise ConfigError("this model has no generator; the GAN attack needs hitaj-mnist/hitaj-faces")
+
 
 # name -> (classifier factory taking num_classes, generator factory, dataset it expects)
 MODELS: dict[str, tuple[Callable[[int], nn.Module], Callable[[], nn.Module], str]] = {
     "hitaj-mnist": (MnistCNN, mnist_generator, "mnist"),
     "hitaj-faces": (FacesCNN, faces_generator, "faces"),
+    "dlg-lenet": (_dlg_lenet, _no_generator, "cifar10"),
 }
 
 

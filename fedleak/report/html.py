@@ -27,7 +27,10 @@ from fedleak.runfolder import (
     now_iso,
 )
 
+from .inversion import inversion_grids, inversion_table, inversion_verdict
 from .plots import by_variant, number, plot_metrics, realism_threshold
+
+INVERSION = "inversion.jsonl"
 
 VARIANT_LABELS = {
     "active": "Active GAN attack",
@@ -346,6 +349,7 @@ def render(run: RunFolder, notes: list[str] | None = None) -> str:
     config = config if isinstance(config, dict) else {}
     metrics, bad_m = run.read_jsonl_checked(METRICS)
     attack, bad_a = run.read_jsonl_checked(ATTACK)
+    inversion, _ = run.read_jsonl_checked(INVERSION)
     threshold = realism_threshold(config)
     notes = list(notes or [])
     for name, bad in ((METRICS, bad_m), (ATTACK, bad_a)):
@@ -360,6 +364,19 @@ def render(run: RunFolder, notes: list[str] | None = None) -> str:
     status = str(meta.get("status") or "unknown")
     preset = str(meta.get("preset") or "—")
     kind, headline = verdict(meta, metrics, attack, config, threshold)
+    inversion_html = ""
+    if inversion:
+        inv_kind, inv_text = inversion_verdict(inversion)
+        if not attack:
+            kind, headline = (
+                inv_kind,
+                inv_text
+                + headline.removeprefix("No attack scores were recorded").partition(".")[2],
+            )
+        else:
+            headline += " " + inv_text
+        figures = "".join(_figure(p, c) for p, c in inversion_grids(run.path))
+        inversion_html = "<h2>Gradient inversion</h2>" + inversion_table(inversion) + figures
     banner = ""
     if status != "finished":
         msg = meta.get("message")
@@ -385,8 +402,9 @@ def render(run: RunFolder, notes: list[str] | None = None) -> str:
             banner,
             f'<p class="verdict {kind}" id="verdict">{escape(headline)}</p>',
             "".join(f'<p class="note">{escape(n)}</p>' for n in notes),
-            "<h2>Attack scores</h2>",
-            _attack_section(attack, threshold),
+            inversion_html,
+            "" if inversion and not attack else "<h2>Attack scores</h2>",
+            "" if inversion and not attack else _attack_section(attack, threshold),
             "<h2>Shared model</h2>",
             _model_section(metrics),
             "<h2>Plots and samples</h2>",

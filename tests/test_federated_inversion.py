@@ -1,0 +1,176 @@
+"""Gradient inversion's federated plumbing: the client computation the attacks model, isolating
+the victim's update from consecutive global models, and the curious-server wrapper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from attacker.federated_inversion import (
+    Protocol,
+    individual_update,
+    isolate_others,
+    observation_from_update,
+)
+from attacker.inversion import fedavg_update, fedsgd_update, idlg_label
+from clients.training import round_examples, sgd_on_examples
+from fedleak.config import load_preset
+from fedleak.errors import ConfigError
+from fedleak.models import build_classifier
+
+torch.set_num_threads(1)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_classifier("dlg-lenet", 10)
+
+
+def _trained(model: torch.nn.Module, x, y, steps: int, batch: int, lr: float):
+    copy = _model()
+    copy.load_state_dict(model.state_dict())
+    sgd_on_examples(copy, x, y, steps=steps, batch_size=batch, lr=lr)
+    return copy
+
+
+def _fedavg(records: list[ArrayRecord], weights: list[int]) -> ArrayRecord:
+    """Flower's own FedAvg aggregation of the replies, weighted by their example counts."""
+    return aggregate_arrayrecords(
+        [
+            RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": w})})
+            for r, w in zip(records, weights)
+        ],
+        "num-examples",
+    )
+
+
+def test_round_examples_is_a_pure_function_of_its_arguments():
+    a = round_examples(100, 4, seed=0, index=1, server_round=3)
+    assert torch.equal(a, round_examples(100, 4, seed=0, index=1, server_round=3))
+    assert not torch.equal(a, round_examples(100, 4, seed=0, index=0, server_round=3))
+    assert not torch.equal(a, round_examples(100, 4, seed=0, index=1, server_round=4))
+    with pytest.raises(ValueError):
+        round_examples(3, 4, seed=0, index=0, server_round=1)
+
+
+def test_client_training_is_what_the_attacks_simulate():
+    """The honest client's SGD equals the attack's model of it (fedavg_update), step for step."""
+    model = _model()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    trained = _trained(model, x, y, steps=4, batch=2, lr=0.05)
+    expected = fedavg_update(model, x, y, steps=4, lr=0.05, batch_size=2)
+    got = individual_update(
+        model, ArrayRecord(model.state_dict()), ArrayRecord(trained.state_dict())
+    )
+    for g, e in zip(got, expected.update):
+        assert torch.allclose(g, e, atol=1e-6)
+
+
+def test_adversarial_client_isolates_the_victims_update_exactly():
+    model = _model()
+    sent = ArrayRecord(model.state_dict())
+    xv, yv = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([7])
+    xa, ya = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([2])
+    victim, attacker = _trained(model, xv, yv, 1, 1, 0.1), _trained(model, xa, ya, 1, 1, 0.1)
+    new_global = _fedavg(
+        [ArrayRecord(victim.state_dict()), ArrayRecord(attacker.state_dict())], [1, 1]
+    )
+    own = individual_update(model, sent, ArrayRecord(attacker.state_dict()))
+    others = isolate_others(model, sent, new_global, own, cohort=2)
+    protocol = Protocol("fedsgd", 0.1, 1, 1, 1, 10, (3, 32, 32))
+    obs = observation_from_update(sent, others, protocol)
+    truth = fedsgd_update(model, xv, yv)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([u.flatten() for u in obs.update]),
+        torch.cat([u.flatten() for u in truth.update]),
+        dim=0,
+    )
+    assert cos > 0.999
+    for o, t in zip(obs.update, truth.update):
+        assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)  # float32 round trips through params
+    assert idlg_label(obs) == 7
+
+
+def test_with_several_victims_the_attacker_gets_their_aggregate():
+    model = _model()
+    sent = ArrayRecord(model.state_dict())
+    xs = torch.rand(3, 1, 3, 32, 32) * 2 - 1
+    ys = torch.tensor([[1], [4], [6]])
+    clients = [_trained(model, x, y, 1, 1, 0.1) for x, y in zip(xs, ys)]
+    new_global = _fedavg([ArrayRecord(c.state_dict()) for c in clients], [1, 1, 1])
+    own = individual_update(model, sent, ArrayRecord(clients[2].state_dict()))
+    others = isolate_others(model, sent, new_global, own, cohort=3)
+    protocol = Protocol("fedsgd", 0.1, 1, 1, 1, 10, (3, 32, 32))
+    obs = observation_from_update(sent, others, protocol, clients=2)
+    truth = fedsgd_update(model, xs[:2].flatten(0, 1), ys[:2].flatten())
+    assert obs.batch_size == 2
+    for o, t in zip(obs.update, truth.update):
+        assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)
+
+
+def test_curious_server_sees_individual_updates_and_changes_nothing(tmp_path, monkeypatch):
+    from server.curious import CuriousServer
+
+    seen = []
+    monkeypatch.setattr(
+        "server.curious.invert",
+        lambda model, obs, *a, **k: seen.append(obs) or {"images": torch.zeros(1)},
+    )
+
+    class Inner:
+        last_round = {"participants": 1}
+
+        def configure_train(self, server_round, arrays, config, grid):
+            return [Message(RecordDict({"config": config}), dst_node_id=1, message_type="train")]
+
+        def aggregate_train(self, server_round, replies):
+            return "aggregated", len(list(replies))
+
+    _tag_messages(monkeypatch)
+    model = _model()
+    sent = ArrayRecord(model.state_dict())
+    config = ConfigRecord(
+        {"protocol": "fedsgd", "lr": 0.1, "batch-size": 1, "local-batches": 1, "server-round": 1}
+    )
+    server = CuriousServer(
+        Inner(), model, tmp_path, attack="idlg", num_classes=10, image_shape=(3, 32, 32)
+    )
+    server.configure_train(1, sent, config, grid=None)
+    x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
+    reply = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(_trained(model, x, y, 1, 1, 0.1).state_dict()),
+                "metrics": MetricRecord({"num-examples": 1}),
+            }
+        ),
+        dst_node_id=0,
+        message_type="train",
+    )
+    assert server.aggregate_train(1, [reply]) == ("aggregated", 1)
+    assert server.last_round == {"participants": 1}  # the wrapped strategy's bookkeeping
+    assert len(seen) == 1 and idlg_label(seen[0]) == 3
+    assert list(tmp_path.glob("round-0001-node-*.pt"))
+    assert server.aggregate_train(2, [reply]) == ("aggregated", 1)  # past inversion-rounds
+    assert len(seen) == 1
+
+
+def _tag_messages(monkeypatch):
+    from flwr.supercore import task_identity
+
+    monkeypatch.setattr(task_identity.TaskIdentity, "_task_id", "t", raising=False)
+    monkeypatch.setattr(task_identity.TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(task_identity.TaskIdentity, "_node_id", 0, raising=False)
+
+
+def test_inversion_config_is_checked():
+    with pytest.raises(ConfigError, match="fedsgd or fedavg"):
+        load_preset("fedsgd-cifar", ["run.protocol=\"collaborative\""])
+    with pytest.raises(ConfigError, match="examples-per-round"):
+        load_preset("fedsgd-cifar", ["run.protocol=\"fedavg\""])
+    with pytest.raises(ConfigError, match="plain SGD"):
+        load_preset("fedsgd-cifar", ["train.momentum=0.9"])
+    with pytest.raises(ConfigError, match="unknown inversion attack"):
+        load_preset("fedsgd-cifar", ["server.inversion=\"nope\""])
