@@ -40,6 +40,20 @@ def _parser() -> argparse.ArgumentParser:
         "report", help="score a run folder's attack samples and rebuild its report"
     )
     report.add_argument("run_dir", type=Path)
+    study = sub.add_parser(
+        "study", help="run a single-process study (attack or defense sweep) and write a report"
+    )
+    study.add_argument("name", nargs="?", help="study name (see --list)")
+    study.add_argument("--list", action="store_true", help="list the studies")
+    study.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset key, e.g. --set attack.steps=100",
+    )
+    study.add_argument("--out-dir", type=Path, default=Path("runs"), help="default: runs")
     return parser
 
 
@@ -56,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args.run_dir)
+        if args.command == "study":
+            return _study(args)
         from fedleak.launcher import launch
 
         cfg = load_preset(args.preset, args.overrides)
@@ -72,11 +88,38 @@ def _status(run_dir: Path) -> str:
     return str(RunFolder(run_dir).read_json("meta.json", {}).get("status", ""))
 
 
+def _study(args: argparse.Namespace) -> int:
+    from fedleak.studies import StudyFailed, run_study, study_description, study_names
+
+    if args.list:
+        for name in study_names():
+            print(f"{name:<20} {study_description(name)}")
+        return 0
+    if not args.name:
+        raise FedleakError("name a study (fedleak study --list shows them)")
+    try:
+        folder = run_study(args.name, args.overrides, args.out_dir)
+    except StudyFailed as err:
+        print(f"fedleak: error: {err}", file=sys.stderr)
+        print(err.run_dir / "report.html")
+        return 1
+    except KeyboardInterrupt:  # run_study has recorded it in meta.json
+        print("fedleak: study interrupted", file=sys.stderr)
+        return 130
+    print(folder / "report.html")
+    return 0
+
+
 def _report(run_dir: Path) -> int:
     from fedleak.observer import AttackObserver
     from fedleak.report import write_report
     from fedleak.runfolder import RunFolder
 
+    if (run_dir / "results.json").is_file():  # a study folder, not a federated run
+        from fedleak.studies.report import write_study_report
+
+        print(write_study_report(run_dir))
+        return 0
     if not (run_dir / "config.json").exists():
         raise FedleakError(f"{run_dir} is not a run folder (no config.json)")
     run = RunFolder(run_dir)

@@ -40,7 +40,7 @@ def _fedavg(records: list[ArrayRecord], weights: list[int]) -> ArrayRecord:
     return aggregate_arrayrecords(
         [
             RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": w})})
-            for r, w in zip(records, weights)
+            for r, w in zip(records, weights, strict=True)
         ],
         "num-examples",
     )
@@ -64,7 +64,7 @@ def test_client_training_is_what_the_attacks_simulate():
     got = individual_update(
         model, ArrayRecord(model.state_dict()), ArrayRecord(trained.state_dict())
     )
-    for g, e in zip(got, expected.update):
+    for g, e in zip(got, expected.update, strict=True):
         assert torch.allclose(g, e, atol=1e-6)
 
 
@@ -88,7 +88,7 @@ def test_adversarial_client_isolates_the_victims_update_exactly():
         dim=0,
     )
     assert cos > 0.999
-    for o, t in zip(obs.update, truth.update):
+    for o, t in zip(obs.update, truth.update, strict=True):
         assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)  # float32 round trips through params
     assert idlg_label(obs) == 7
 
@@ -98,7 +98,7 @@ def test_with_several_victims_the_attacker_gets_their_aggregate():
     sent = ArrayRecord(model.state_dict())
     xs = torch.rand(3, 1, 3, 32, 32) * 2 - 1
     ys = torch.tensor([[1], [4], [6]])
-    clients = [_trained(model, x, y, 1, 1, 0.1) for x, y in zip(xs, ys)]
+    clients = [_trained(model, x, y, 1, 1, 0.1) for x, y in zip(xs, ys, strict=True)]
     new_global = _fedavg([ArrayRecord(c.state_dict()) for c in clients], [1, 1, 1])
     own = individual_update(model, sent, ArrayRecord(clients[2].state_dict()))
     others = isolate_others(model, sent, new_global, own, cohort=3)
@@ -106,7 +106,7 @@ def test_with_several_victims_the_attacker_gets_their_aggregate():
     obs = observation_from_update(sent, others, protocol, clients=2)
     truth = fedsgd_update(model, xs[:2].flatten(0, 1), ys[:2].flatten())
     assert obs.batch_size == 2
-    for o, t in zip(obs.update, truth.update):
+    for o, t in zip(obs.update, truth.update, strict=True):
         assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)
 
 
@@ -174,3 +174,21 @@ def test_inversion_config_is_checked():
         load_preset("fedsgd-cifar", ["train.momentum=0.9"])
     with pytest.raises(ConfigError, match="unknown inversion attack"):
         load_preset("fedsgd-cifar", ["server.inversion=\"nope\""])
+
+
+def test_convergence_stop_is_relative_to_the_update():
+    """A victim whose update is tiny (a confidently classified image, a saturated model) is still
+    attacked: the early stop compares the distance with the update's own size."""
+    from dataclasses import replace
+
+    from attacker.federated_inversion import convergence_threshold, invert
+
+    model = _model()
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([5])
+    obs = fedsgd_update(model, x, y)
+    tiny = replace(obs, update=[u * 1e-4 for u in obs.update])
+    big, small = convergence_threshold("l2", obs), convergence_threshold("l2", tiny)
+    assert small == pytest.approx(big * 1e-8)
+    assert convergence_threshold("cosine", tiny) == convergence_threshold("cosine", obs)
+    record = invert(model, tiny, "idlg", iterations=3, restarts=1)
+    assert len(record["loss_history"]) == 3

@@ -49,7 +49,7 @@ def _update(overrides: list[str], index: int = 0) -> tuple[list[np.ndarray], flo
     reply = app(msg, context)
     assert isinstance(reply.content.metric_records["metrics"], MetricRecord)
     after = reply.content.array_records["arrays"].to_numpy_ndarrays()
-    update = [a - b for a, b in zip(after, sent.to_numpy_ndarrays())]
+    update = [a - b for a, b in zip(after, sent.to_numpy_ndarrays(), strict=True)]
     return update, float(np.sqrt(sum((u.astype(np.float64) ** 2).sum() for u in update)))
 
 
