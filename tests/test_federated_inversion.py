@@ -192,3 +192,8 @@ def test_convergence_stop_is_relative_to_the_update():
     assert convergence_threshold("cosine", tiny) == convergence_threshold("cosine", obs)
     record = invert(model, tiny, "idlg", iterations=3, restarts=1)
     assert len(record["loss_history"]) == 3
+
+
+def test_prior_attacks_are_refused_in_the_federation_with_a_reason():
+    with pytest.raises(ConfigError, match="needs a generative prior"):
+        load_preset("fedsgd-cifar", ['attack.inversion="gias"'])

@@ -276,7 +276,7 @@ def test_idlg_reconstructs_a_real_cifar_image(cifar):
 
 
 def test_registry_presets_and_overrides():
-    assert set(ATTACKS) == {"dlg", "idlg", "inverting-gradients"}
+    assert set(ATTACKS) == {"dlg", "idlg", "inverting-gradients", "gias", "gi-latent", "giml"}
     dlg = get_attack("dlg").config
     assert (dlg.optimizer, dlg.lr, dlg.distance, dlg.labels, dlg.clamp) == (
         "lbfgs",
@@ -296,7 +296,7 @@ def test_registry_presets_and_overrides():
     )
     assert 1e-4 <= ig.tv_weight <= 1e-2
     with pytest.raises(ValueError, match="unknown attack"):
-        get_attack("gias")
+        get_attack("no-such-attack")
     with pytest.raises(ValueError, match="unknown option"):
         get_attack("dlg", learning_rate=1.0)
-    assert collections.Counter(type(get_attack(n)).__name__ for n in ATTACKS).total() == 3
+    assert collections.Counter(type(get_attack(n)).__name__ for n in ATTACKS).total() == 6

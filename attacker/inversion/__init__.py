@@ -1,16 +1,33 @@
-"""Gradient-inversion attacks (DLG, iDLG, Inverting Gradients) on FedSGD and FedAvg updates.
+"""Gradient-inversion attacks (DLG, iDLG, Inverting Gradients, GIAS, GIML) on FedSGD and FedAvg
+updates.
 
 The attacker sees an :class:`Observation` (model, update, declared metadata) and returns a
 :class:`Reconstruction`; scoring against the private batch is ``fedleak.metrics.images``'s job.
 """
 
 from attacker.inversion.attacks import InversionConfig, OptimizationAttack, Reconstruction
+from attacker.inversion.generative import (
+    GIAS,
+    GenerativeAttack,
+    GenerativeConfig,
+    GenerativeReconstruction,
+    LatentSearch,
+)
+from attacker.inversion.giml import GIML, GIMLConfig, meta_learn_generator
 from attacker.inversion.labels import idlg_label, recover_labels
 from attacker.inversion.observation import Observation, fedavg_update, fedsgd_update
+from attacker.inversion.prior import train_dcgan_prior
 from attacker.inversion.registry import ATTACKS, get_attack
 
 __all__ = [
     "ATTACKS",
+    "GIAS",
+    "GIML",
+    "GIMLConfig",
+    "GenerativeAttack",
+    "GenerativeConfig",
+    "GenerativeReconstruction",
+    "LatentSearch",
     "InversionConfig",
     "Observation",
     "OptimizationAttack",
@@ -19,5 +36,7 @@ __all__ = [
     "fedsgd_update",
     "get_attack",
     "idlg_label",
+    "meta_learn_generator",
     "recover_labels",
+    "train_dcgan_prior",
 ]

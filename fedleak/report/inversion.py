@@ -20,6 +20,14 @@ def _f(value: object, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "—"
 
 
+def _against(record: dict) -> str:
+    if record.get("threat") == "client":
+        return "every other participant"
+    if record.get("participant") is None:
+        return "—"
+    return f"participant {record['participant']} (best match)"
+
+
 def inversion_verdict(records: list[dict]) -> tuple[str, str]:
     scored = [r for r in records if "psnr" in r]
     if not scored:
@@ -46,6 +54,7 @@ def inversion_table(records: list[dict]) -> str:
         "threat",
         "round",
         "node",
+        "scored against",
         "attack",
         "update",
         "images",
@@ -63,6 +72,7 @@ def inversion_table(records: list[dict]) -> str:
                 escape(r.get("threat", "—")),
                 str(r.get("round", "—")),
                 escape(str(r.get("node", "—"))),
+                escape(_against(r)),
                 escape(str(r.get("attack", "—"))),
                 escape(f"{r.get('update', '—')} x{r.get('local_steps', 1)}"),
                 str(r.get("batch_size", "—")),
