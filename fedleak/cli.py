@@ -54,10 +54,21 @@ def _parser() -> argparse.ArgumentParser:
         help="override a preset key, e.g. --set attack.steps=100",
     )
     study.add_argument("--out-dir", type=Path, default=Path("runs"), help="default: runs")
+    sub.add_parser(
+        "ensembler",
+        add_help=False,
+        help="Ensembler collaborative inference over gRPC: train, serve, classify, attack, run "
+        "(see `fedleak ensembler --help`)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ensembler"]:  # its own command tree, in the ensembler package
+        from fedleak.ensembler.cli import main as ensembler_main
+
+        return ensembler_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "presets":

@@ -76,15 +76,15 @@ def merge(base: Config, update: dict[str, Any], where: str = "config") -> Config
             for sub, subval in value.items():
                 if sub not in out[key]:
                     raise ConfigError(f"unknown config key '{key}.{sub}' in {where}")
-                out[key][sub] = _coerce(f"{key}.{sub}", out[key][sub], subval)
+                out[key][sub] = coerce(f"{key}.{sub}", out[key][sub], subval)
         elif key == "participants":
             out[key] = [dict(p) for p in value]
         else:
-            out[key] = _coerce(key, out[key], value)
+            out[key] = coerce(key, out[key], value)
     return out
 
 
-def _coerce(key: str, default: Any, value: Any) -> Any:
+def coerce(key: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -96,6 +96,11 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
             return value
     elif isinstance(default, str) and isinstance(value, str):
         return value
+    elif isinstance(default, list):
+        if isinstance(value, str):  # `--set baselines.defenses=none,ensembler`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     kind = type(default).__name__
     raise ConfigError(f"config key '{key}' expects {kind}, got {value!r}")
 
@@ -117,7 +122,7 @@ def apply_override(cfg: Config, item: str) -> None:
     if parts[0] == "participants":
         _override_participant(cfg, parts, value, item)
     elif len(parts) == 2 and isinstance(cfg.get(parts[0]), dict) and parts[1] in cfg[parts[0]]:
-        cfg[parts[0]][parts[1]] = _coerce(key, cfg[parts[0]][parts[1]], value)
+        cfg[parts[0]][parts[1]] = coerce(key, cfg[parts[0]][parts[1]], value)
     elif len(parts) == 1 and key in ("description",):
         cfg[key] = str(value)
     else:
@@ -275,7 +280,7 @@ def from_run_config(run_config: dict[str, Any]) -> Config:
     for key, value in run_config.items():
         section, _, sub = key.partition(".")
         if section in FLAT_SECTIONS and sub in cfg[section]:
-            cfg[section][sub] = _coerce(key, cfg[section][sub], value)
+            cfg[section][sub] = coerce(key, cfg[section][sub], value)
     cfg["participants"] = json.loads(str(run_config.get("participants", "[]")) or "[]")
     cfg["num-participants"] = int(run_config.get("num-participants", len(cfg["participants"])))
     return cfg

@@ -69,7 +69,7 @@ def _preset_text(name: str) -> str:
         raise ConfigError(f"study '{name}' has no preset file presets/{name}.toml") from None
 
 
-def _coerce(key: str, default: Any, value: Any) -> Any:
+def coerce(key: str, default: Any, value: Any) -> Any:
     """``value`` if it has the type of the preset's ``default`` (an int is accepted for a float)."""
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
@@ -97,7 +97,7 @@ def apply_override(cfg: dict[str, Any], item: str) -> None:
             raise ConfigError(f"unknown study key '{key}'")
     if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
         raise ConfigError(f"unknown study key '{key}'")
-    node[leaf] = _coerce(key, node[leaf], parse_value(raw.strip()))
+    node[leaf] = coerce(key, node[leaf], parse_value(raw.strip()))
 
 
 def load_study_preset(name: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -1,0 +1,187 @@
+"""Ensembler training, bundles and the inversion attack, on a few images (in-process, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attacker.ensembler_inversion import (
+    AttackSettings,
+    Decoder,
+    ShadowHead,
+    ShadowModel,
+    attack,
+    variants,
+)
+from fedleak.ensembler import baselines, training
+from fedleak.ensembler.config import load_preset, preset_names
+from fedleak.ensembler.data import Split, load_splits
+from fedleak.errors import ConfigError
+from fedleak.metrics.images import ssim
+from fedleak.models.ensembler import load_client_bundle, load_server_bundle
+
+TINY = [
+    "data.client-train=24",
+    "data.aux=16",
+    "data.eval=8",
+    "train.epochs=1",
+    "train.batch-size=8",
+    "ensembler.num-nets=2",
+    "ensembler.selected=1",
+    "ensembler.stage2-epochs=1",
+    "attack.shadow-epochs=1",
+    "attack.decoder-epochs=1",
+    "attack.batch-size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(data_root):
+    torch.set_num_threads(1)
+    cfg = load_preset("ensembler-cifar10-smoke", [*TINY, f"data.root={data_root}"])
+    return cfg, load_splits(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage1_nets(tiny):
+    cfg, splits = tiny
+    nets, _ = training.stage1(splits.client, cfg)
+    return nets
+
+
+def test_cosine_penalty_on_known_tensors():
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    refs = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])]
+    # image 0: cos 1 and 1/sqrt2 -> 1; image 1: cos 0 and 1 -> 1; mean 1
+    assert training.cosine_penalty(features, refs).item() == pytest.approx(1.0)
+    refs = [torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])]
+    # image 0: max(0, 1/sqrt2); image 1: max(0, 1/sqrt2)
+    assert training.cosine_penalty(features, refs).item() == pytest.approx(1 / math.sqrt(2))
+    # feature maps are flattened per image
+    maps = torch.ones(3, 4, 2, 2)
+    assert training.cosine_penalty(maps, [maps.clone()]).item() == pytest.approx(1.0)
+
+
+def test_secret_selection_is_seeded_and_valid():
+    a = training.choose_selected(10, 4, 123)
+    assert a == training.choose_selected(10, 4, 123)
+    assert len(set(a)) == 4 and all(0 <= i < 10 for i in a)
+
+
+def test_stage2_leaves_server_nets_frozen(tiny, stage1_nets):
+    cfg, splits = tiny
+    before = [{k: v.clone() for k, v in n.body.state_dict().items()} for n in stage1_nets]
+    head_before = {k: v.clone() for k, v in stage1_nets[0].head.state_dict().items()}
+    server, client, stats = training.stage2(splits.client, stage1_nets, cfg)
+    for net, state in zip(server.nets, before, strict=True):
+        after = net.state_dict()
+        # weights and BatchNorm running statistics alike
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        assert not any(p.requires_grad for p in net.parameters())
+    new_head = client.head.state_dict()
+    assert any(
+        not torch.equal(new_head[k], v) for k, v in head_before.items() if v.is_floating_point()
+    )
+    assert len(client.selected) == cfg["ensembler"]["selected"]
+    assert stats["last_cosine_penalty"] is not None
+
+
+def test_bundles_keep_the_secret_on_the_client(tiny, stage1_nets, tmp_path):
+    cfg, splits = tiny
+    server, client, _ = training.stage2(splits.client, stage1_nets, cfg)
+    baselines.write_pair(server, client, tmp_path, "v1")
+    raw = torch.load(tmp_path / "server.pt", weights_only=True)
+    assert set(raw) == {"format", "version", "input_shape", "info", "nets"}
+    assert len(raw["nets"]) == cfg["ensembler"]["num-nets"]
+    assert "selected" not in repr(raw["info"])
+    # ResNet stages only (Sequential indices); the head's conv1/bn1 and the tail's fc are absent
+    for state in raw["nets"]:
+        assert all(key.split(".")[0].isdigit() for key in state)
+    loaded = load_client_bundle(tmp_path / "client.pt")
+    assert loaded.selected == client.selected and loaded.server_version == "v1"
+    assert load_server_bundle(tmp_path / "server.pt").version == "v1"
+
+
+def test_shadow_head_and_decoder_shapes():
+    x = torch.randn(2, 3, 32, 32)
+    features = ShadowHead()(x)
+    assert features.shape == (2, 64, 16, 16)
+    assert Decoder()(features).shape == (2, 3, 32, 32)
+    nets = [
+        torch.nn.Sequential(
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(1), torch.nn.Linear(64, 512)
+        )
+        for _ in range(3)
+    ]
+    assert ShadowModel(nets)(x).shape == (2, 10)
+    assert variants(3, True) == ["net-0", "net-1", "net-2", "adaptive"]
+    assert variants(1, True) == ["net-0"]
+
+
+def test_end_to_end_training_and_attack_in_process(tiny, stage1_nets):
+    cfg, splits = tiny
+    server, client, _ = training.stage2(splits.client, stage1_nets, cfg)
+    with torch.no_grad():
+        sent = client.encode(splits.victims.images)
+        outs = torch.stack([net(sent) for net in server.nets])
+        logits = client.decode(outs)
+    assert logits.shape == (len(splits.victims), 10)
+    results = attack(
+        server.nets, splits.aux.images, splits.aux.labels, sent, AttackSettings(1, 1, batch_size=8)
+    )
+    assert set(results) == {"net-0", "net-1", "adaptive"}
+    for recon, stats in results.values():
+        assert recon.shape == splits.victims.images.shape
+        assert torch.isfinite(recon).all() and recon.abs().max() <= 1
+        assert math.isfinite(float(ssim(recon, splits.victims.images).mean()))
+        assert "shadow" in stats and "decoder" in stats
+
+
+def test_none_and_shredder_share_server_nets(tiny):
+    cfg, splits = tiny
+    server, client, _ = baselines.train_defense("none", splits.client, cfg)
+    assert client.noise.abs().max() == 0 and len(server.nets) == 1
+    s2, c2, stats = baselines.train_defense("shredder", splits.client, cfg, (server, client))
+    assert s2 is server and stats == {"retrained": False}
+    assert c2.noise.std() == pytest.approx(cfg["baselines"]["shredder-sigma"], rel=0.1)
+
+
+def test_splits_are_disjoint_and_stratified(tiny):
+    cfg = load_preset(
+        "ensembler-cifar10-smoke", ["data.client-train=200", "data.aux=100", "data.eval=100"]
+    )
+    s = load_splits(cfg)
+    flat = lambda split: {tuple(x.flatten()[:64].tolist()) for x in split.images}  # noqa: E731
+    assert not flat(s.client) & flat(s.aux)
+    assert len(set(s.victims.labels.tolist())) == 10
+    overlap = load_splits(load_preset("ensembler-cifar10-smoke", ["data.aux-overlap=true"]))
+    assert isinstance(overlap.aux, Split)
+
+
+def test_presets_and_overrides():
+    assert {"ensembler-cifar10-smoke", "ensembler-cifar10", "ensembler-cifar10-paper"} <= set(
+        preset_names()
+    )
+    paper = load_preset("ensembler-cifar10-paper")
+    assert (paper["ensembler"]["num-nets"], paper["ensembler"]["selected"]) == (10, 4)
+    cfg = load_preset("ensembler-cifar10-smoke", ["baselines.defenses=none,ensembler", "seed=3"])
+    assert cfg["baselines"]["defenses"] == ["none", "ensembler"] and cfg["seed"] == 3
+    with pytest.raises(ConfigError):
+        load_preset("ensembler-cifar10-smoke", ["train.nope=1"])
+    with pytest.raises(ConfigError):
+        load_preset("ensembler-cifar10-smoke", ["ensembler.selected=9"])
+    with pytest.raises(ConfigError):
+        load_preset("ensembler-cifar10-smoke", ["baselines.defenses=ensembler"])
+
+
+def test_stage1_is_cached_across_stage2_settings(tiny, tmp_path):
+    cfg, splits = tiny
+    nets, _ = baselines.stage1_cached(splits.client, cfg, tmp_path)
+    (cached,) = tmp_path.glob("stage1-*.pt")
+    other = {**cfg, "ensembler": {**cfg["ensembler"], "lambda": 7.0, "stage2-epochs": 9}}
+    again, _ = baselines.stage1_cached(splits.client, other, tmp_path)
+    assert list(tmp_path.glob("stage1-*.pt")) == [cached]
+    for a, b in zip(nets, again, strict=True):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
