@@ -17,7 +17,6 @@ learning rate. The private images never do; the testbed scores the saved reconst
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from attacker.inversion import Observation, get_attack
-from fedleak.runfolder import atomic_write_bytes
+from fedleak.runfolder import atomic_torch_save
 
 
 @dataclass(frozen=True)
@@ -208,9 +207,7 @@ def invert(
 
 
 def save_reconstruction(folder: str | Path, name: str, record: dict[str, Any]) -> Path:
-    buffer = io.BytesIO()
-    torch.save(record, buffer)
-    return atomic_write_bytes(Path(folder) / f"{name}.pt", buffer.getvalue())
+    return atomic_torch_save(record, Path(folder) / f"{name}.pt")
 
 
 def update_norm(update: list[torch.Tensor]) -> float:

@@ -17,17 +17,8 @@ import grpc
 import torch
 from torch import Tensor
 
+from fedleak.ensembler.grpc_modules import pb, pb_grpc, wire
 from fedleak.models.ensembler import BundleError, ClientBundle, load_client_bundle
-
-try:
-    from proto import ensembler_pb2 as pb
-    from proto import ensembler_pb2_grpc as pb_grpc
-    from proto import wire
-except ImportError as err:  # not installed, or proto-plus's own top-level `proto` shadows ours
-    raise ImportError(
-        f"fedleak's gRPC modules (package `proto`) are not importable: {err}; reinstall fedleak "
-        "(pip install -e .) and make sure the proto-plus distribution is not installed"
-    ) from err
 
 
 class EnsemblerError(RuntimeError):

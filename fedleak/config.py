@@ -44,16 +44,21 @@ def preset_names() -> list[str]:
     return sorted(n for n in names if n != "defaults")
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """A user's TOML config file, or a one-line ConfigError saying what is wrong with it."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
 def load_preset(name: str, overrides: list[str] | None = None) -> Config:
     """Resolve a preset (or a path to a TOML file) plus `section.key=value` overrides."""
     if name.endswith(".toml"):
-        try:
-            with open(name, "rb") as fh:
-                preset = tomllib.load(fh)
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {name}: {err.strerror}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {name} is not valid TOML: {err}") from err
+        preset = read_config_file(name)
     elif name in preset_names():
         preset = _load_toml(name)
     else:

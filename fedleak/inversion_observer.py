@@ -19,12 +19,11 @@ from fedleak.config import participant_spec, to_run_config
 from fedleak.data.partition import parse_classes
 from fedleak.metrics.images import score_batch
 from fedleak.report.grids import save_comparison_grid
-from fedleak.runfolder import RunFolder
+from fedleak.runfolder import INVERSION, SERVER_ATTACK_DIR, RunFolder
 
 log = logging.getLogger(__name__)
 
-LOG = "inversion.jsonl"
-SERVER_ATTACK_DIR = "server-attack"
+LOG = INVERSION
 
 
 class InversionObserver:

@@ -35,6 +35,8 @@ META = "meta.json"
 METRICS = "metrics.jsonl"
 ATTACK = "attack.jsonl"
 REPORT = "report.html"
+INVERSION = "inversion.jsonl"
+SERVER_ATTACK_DIR = "server-attack"  # the curious server's reconstructions
 SUBDIRS = ("samples", "grids", "plots", "logs")
 STATUSES = ("running", "finished", "failed", "interrupted")
 
@@ -102,6 +104,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` with :func:`atomic_write_bytes`'s guarantee: a killed writer never leaves
+    a half-written file that a later reader (a cache, a scorer) would trust."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -12,14 +12,13 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from fedleak.config import from_run_config
 from fedleak.data import image_shape
 from fedleak.models import build_classifier
-from fedleak.runfolder import RunFolder
+from fedleak.runfolder import SERVER_ATTACK_DIR, RunFolder
 from server.curious import CuriousServer
 from server.evaluation import CentralEvaluation
 from server.fleet import Fleet
 from server.strategies import CollaborativeStrategy, FleetStrategy, RobustFedAvg
 
 app = ServerApp()
-SERVER_ATTACK_DIR = "server-attack"
 
 
 def build_strategy(cfg: dict[str, Any]) -> FleetStrategy:

@@ -12,7 +12,6 @@ RESOURCE_EXHAUSTED and nothing else. The server is honest-but-curious by constru
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import signal
@@ -27,19 +26,10 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from torch import Tensor
 
+from fedleak.ensembler.grpc_modules import pb, pb_grpc, wire
 from fedleak.models.ensembler import FEATURE_DIM, BundleError, load_server_bundle
-from fedleak.runfolder import atomic_write_bytes, now_iso
+from fedleak.runfolder import atomic_torch_save, atomic_write_bytes, now_iso
 from server.ensemble_runner import EnsembleRunner, Mode
-
-try:
-    from proto import ensembler_pb2 as pb
-    from proto import ensembler_pb2_grpc as pb_grpc
-    from proto import wire
-except ImportError as err:  # not installed, or proto-plus's own top-level `proto` shadows ours
-    raise ImportError(
-        f"fedleak's gRPC modules (package `proto`) are not importable: {err}; reinstall fedleak "
-        "(pip install -e .) and make sure the proto-plus distribution is not installed"
-    ) from err
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ensembler"].full_name
 DEFAULT_MAX_BATCH = 1024
@@ -330,9 +320,10 @@ class DirectoryRecorder:
     def __call__(self, request_id: str, features: Tensor) -> None:
         with self._lock:
             number, self._next = self._next, self._next + 1
-        buffer = io.BytesIO()
-        torch.save({"request_id": request_id, "features": features, "received": now_iso()}, buffer)
-        atomic_write_bytes(self.directory / f"{number:06d}-{request_id}.pt", buffer.getvalue())
+        atomic_torch_save(
+            {"request_id": request_id, "features": features, "received": now_iso()},
+            self.directory / f"{number:06d}-{request_id}.pt",
+        )
 
 
 def _sequence(path: Path) -> int:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 
 from fedleak.models.evaluator import cache_dir
 from fedleak.models.hitaj import DCGANGenerator
+from fedleak.runfolder import atomic_torch_save
 
 PRIOR_VERSION = 1  # bump when the recipe below changes, so stale caches are not trusted
 
@@ -135,18 +134,6 @@ def recalibrate_batchnorm(
     gen.eval()
 
 
-def _save_atomic(path: Path, blob: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load(path: Path, settings: PriorSettings, channels: int) -> DCGANGenerator | None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -209,6 +196,6 @@ def train_dcgan_prior(
             "state_dict": gen.state_dict(),
             "seconds": seconds,
         }
-        _save_atomic(path, blob)
+        atomic_torch_save(blob, path)
     gen.prior_info = {"cached": False, "path": str(path), "seconds": seconds}
     return gen

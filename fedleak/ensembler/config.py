@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from fedleak.config import coerce, merge, parse_value
+from fedleak.config import coerce, merge, parse_value, read_config_file
 from fedleak.errors import ConfigError
 
 DEFENSES = ("none", "shredder", "single", "dr-single", "dr-ensemble", "ensembler")
@@ -38,12 +37,7 @@ def preset_names() -> list[str]:
 def load_preset(name: str, overrides: list[str] | None = None) -> Config:
     """A preset name (or a TOML file path) merged over the defaults, then ``key=value`` sets."""
     if name.endswith(".toml"):
-        try:
-            preset = tomllib.loads(Path(name).read_text("utf-8"))
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {name}: {err.strerror}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {name} is not valid TOML: {err}") from err
+        preset = read_config_file(name)
     elif name in preset_names():
         preset = _read(name)
     else:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
-from fedleak.runfolder import atomic_write_bytes
+from fedleak.runfolder import atomic_torch_save
 
 FEATURE_DIM = 512
 SERVER_FORMAT = "fedleak-ensembler-server/1"
@@ -128,14 +128,6 @@ class ClientBundle:
         return self.tail(select(outputs, self.selected))
 
 
-def _save(obj: dict, path: str | os.PathLike) -> Path:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
 def _load(path: str | os.PathLike, expected: str) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -150,7 +142,7 @@ def _load(path: str | os.PathLike, expected: str) -> dict:
 
 
 def save_server_bundle(bundle: ServerBundle, path: str | os.PathLike) -> Path:
-    return _save(
+    return atomic_torch_save(
         {
             "format": SERVER_FORMAT,
             "version": bundle.version,
@@ -178,7 +170,7 @@ def load_server_bundle(path: str | os.PathLike) -> ServerBundle:
 
 
 def save_client_bundle(bundle: ClientBundle, path: str | os.PathLike) -> Path:
-    return _save(
+    return atomic_torch_save(
         {
             "format": CLIENT_FORMAT,
             "head": bundle.head.state_dict(),

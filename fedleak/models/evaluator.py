@@ -10,13 +10,14 @@ Trained once per dataset on the full train split and cached under ``cache_dir()/
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedleak.runfolder import atomic_torch_save
 
 ARCH_VERSION = 1
 SEED = 1234
@@ -143,22 +144,6 @@ def _load_cached(path: Path, dataset: str) -> tuple[EvaluatorNet, dict] | None:
     return model.eval(), info
 
 
-def _save_atomic(path: Path, blob: dict) -> None:
-    # Write next to the target and rename: a killed process leaves a stray tmp file, never a
-    # half-written cache that a later run would trust.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def get_evaluator(
     dataset: str, root: str | Path | None = None, *, retrain: bool = False
 ) -> tuple[EvaluatorNet, dict]:
@@ -208,5 +193,5 @@ def get_evaluator(
         "arch_version": ARCH_VERSION,
         "trained_seconds": round(seconds, 2),
     }
-    _save_atomic(path, {"state_dict": model.state_dict(), "config": config, "info": info})
+    atomic_torch_save({"state_dict": model.state_dict(), "config": config, "info": info}, path)
     return model, info

@@ -19,6 +19,7 @@ from typing import Any
 from fedleak.runfolder import (
     ATTACK,
     CONFIG,
+    INVERSION,
     META,
     METRICS,
     REPORT,
@@ -29,8 +30,6 @@ from fedleak.runfolder import (
 
 from .inversion import inversion_grids, inversion_table, inversion_verdict
 from .plots import by_variant, number, plot_metrics, realism_threshold
-
-INVERSION = "inversion.jsonl"
 
 VARIANT_LABELS = {
     "active": "Active GAN attack",
@@ -153,12 +152,17 @@ def verdict(
         groups = by_variant(attack)
         kind = "success" if any(r.get("success") is True for r in attack) else "fail"
         text = " ".join(_variant_sentence(v, recs, config, threshold) for v, recs in groups.items())
+    return kind, text + partial_note(meta)
+
+
+def partial_note(meta: dict) -> str:
+    """What the run's status means for its results ('' when it finished)."""
     status = meta.get("status")
     if status in ("failed", "interrupted", "stopped"):
-        text += f" Results are partial: the run {status}."
-    elif status != "finished":
-        text += " The run did not record that it finished, so results may be partial."
-    return kind, text
+        return f" Results are partial: the run {status}."
+    if status != "finished":
+        return " The run did not record that it finished, so results may be partial."
+    return ""
 
 
 def _img(path: Path, alt: str) -> str:
@@ -368,11 +372,7 @@ def render(run: RunFolder, notes: list[str] | None = None) -> str:
     if inversion:
         inv_kind, inv_text = inversion_verdict(inversion)
         if not attack:
-            kind, headline = (
-                inv_kind,
-                inv_text
-                + headline.removeprefix("No attack scores were recorded").partition(".")[2],
-            )
+            kind, headline = inv_kind, inv_text + partial_note(meta)
         else:
             headline += " " + inv_text
         figures = "".join(_figure(p, c) for p, c in inversion_grids(run.path))
