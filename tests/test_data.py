@@ -71,8 +71,17 @@ def test_mnist_labels_and_pixels(data_root):
 def test_mnist_is_bilinear_upscale_of_raw_digits(data_root):
     with gzip.open(data_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz") as fh:
         raw = np.frombuffer(fh.read(16 + 3 * 784)[16:], dtype=np.uint8).reshape(3, 1, 28, 28)
-    expected = F.interpolate(torch.from_numpy(raw.copy()).float(), size=(32, 32),
-                             mode="bilinear", align_corners=False) / 255 * 2 - 1
+    expected = (
+        F.interpolate(
+            torch.from_numpy(raw.copy()).float(),
+            size=(32, 32),
+            mode="bilinear",
+            align_corners=False,
+        )
+        / 255
+        * 2
+        - 1
+    )
     ds = load_dataset("mnist", "test", root=data_root)
     assert ds.labels[:3].tolist() == [7, 2, 1]
     torch.testing.assert_close(ds.images[:3], expected, atol=1e-6, rtol=0)

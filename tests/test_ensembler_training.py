@@ -10,9 +10,13 @@ import torch
 from attacker.ensembler_inversion import (
     AttackSettings,
     Decoder,
+    Inverter,
     ShadowHead,
     ShadowModel,
     attack,
+    choose,
+    cycle_error,
+    fit_inverters,
     variants,
 )
 from fedleak.ensembler import baselines, training
@@ -185,3 +189,53 @@ def test_stage1_is_cached_across_stage2_settings(tiny, tmp_path):
     assert list(tmp_path.glob("stage1-*.pt")) == [cached]
     for a, b in zip(nets, again, strict=True):
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def _scaled_conv(scale: float) -> torch.nn.Conv2d:
+    conv = torch.nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(scale * torch.eye(4)[:, :, None, None])
+    return conv
+
+
+def test_cycle_error_is_the_relative_re_encoding_error():
+    received = torch.randn(6, 4, 3, 3)
+    head = torch.nn.Identity()
+    assert cycle_error(head, _scaled_conv(1.0), received) == pytest.approx(0.0, abs=1e-10)
+    # decode halves, head keeps: error (0.5 r)^2 / r^2 = 0.25, whatever the batching
+    assert cycle_error(head, _scaled_conv(0.5), received, batch_size=4) == pytest.approx(0.25)
+
+
+def test_choose_keeps_the_restart_that_best_explains_the_features():
+    received = torch.randn(5, 4, 2, 2)
+
+    def inverter(scale: float) -> Inverter:
+        shadow = torch.nn.Module()
+        shadow.head = torch.nn.Identity()
+        return Inverter("net-0", shadow, _scaled_conv(scale), {"scale": scale})
+
+    chosen, info = choose([inverter(0.2), inverter(0.9), inverter(1.7)], received)
+    assert chosen.stats["scale"] == 0.9
+    assert info["chosen_restart"] == 1
+    assert info["cycle_errors"] == pytest.approx([0.64, 0.01, 0.49], rel=1e-4)
+    only = inverter(0.2)
+    assert choose([only], received) == (only, {})
+
+
+def test_restarts_are_differently_seeded_shadows(tiny, stage1_nets):
+    cfg, splits = tiny
+    bodies = [n.body for n in stage1_nets]
+    settings = AttackSettings(1, 1, batch_size=8, restarts=2)
+    first, second = fit_inverters(bodies, "net-0", splits.aux.images, splits.aux.labels, settings)
+    w0 = first.shadow.head.net[0].weight
+    assert not torch.equal(w0, second.shadow.head.net[0].weight)
+    again = fit_inverters(
+        bodies, "net-0", splits.aux.images, splits.aux.labels, AttackSettings(1, 1, batch_size=8)
+    )
+    assert torch.equal(again[0].shadow.head.net[0].weight, w0)  # restart 0 is the seed itself
+    with pytest.raises(ValueError, match="restarts"):
+        fit_inverters(
+            bodies, "net-0", splits.aux.images, splits.aux.labels, AttackSettings(restarts=0)
+        )
+    with pytest.raises(ConfigError, match="restarts"):
+        load_preset("ensembler-cifar10-smoke", ["attack.restarts=0"])

@@ -167,13 +167,13 @@ def _tag_messages(monkeypatch):
 
 def test_inversion_config_is_checked():
     with pytest.raises(ConfigError, match="fedsgd or fedavg"):
-        load_preset("fedsgd-cifar", ["run.protocol=\"collaborative\""])
+        load_preset("fedsgd-cifar", ['run.protocol="collaborative"'])
     with pytest.raises(ConfigError, match="examples-per-round"):
-        load_preset("fedsgd-cifar", ["run.protocol=\"fedavg\""])
+        load_preset("fedsgd-cifar", ['run.protocol="fedavg"'])
     with pytest.raises(ConfigError, match="plain SGD"):
         load_preset("fedsgd-cifar", ["train.momentum=0.9"])
     with pytest.raises(ConfigError, match="unknown inversion attack"):
-        load_preset("fedsgd-cifar", ["server.inversion=\"nope\""])
+        load_preset("fedsgd-cifar", ['server.inversion="nope"'])
 
 
 def test_convergence_stop_is_relative_to_the_update():

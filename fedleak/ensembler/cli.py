@@ -187,7 +187,7 @@ def _classify(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     import torch
 
-    from attacker.ensembler_inversion import fit_inverter, variants
+    from attacker.ensembler_inversion import choose, fit_inverters, variants
     from fedleak.ensembler.data import load_splits
     from fedleak.ensembler.experiment import attack_settings, score
     from fedleak.ensembler.remote import received_features
@@ -204,9 +204,10 @@ def _attack(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     scores = {}
     for variant in variants(len(nets), cfg["attack"]["adaptive"]):
-        inverter = fit_inverter(
-            nets, variant, splits.aux.images, splits.aux.labels, attack_settings(cfg)
+        inverters = fit_inverters(
+            nets, variant, splits.aux.images, splits.aux.labels, attack_settings(cfg), received
         )
+        inverter, _ = choose(inverters, received)
         recon = inverter(received)
         torch.save(recon, args.out / f"{variant}.pt")
         save_image_grid(recon[:50], args.out / f"{variant}.png", nrow=10, scale=2)

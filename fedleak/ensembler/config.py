@@ -75,7 +75,12 @@ def validate(cfg: Config) -> Config:
     for key in ("client-train", "aux", "eval"):
         if data[key] < 2:
             raise ConfigError(f"data.{key} must be at least 2")
-    for section, key in (("train", "epochs"), ("train", "batch-size"), ("attack", "batch-size")):
+    for section, key in (
+        ("train", "epochs"),
+        ("train", "batch-size"),
+        ("attack", "batch-size"),
+        ("attack", "restarts"),
+    ):
         if cfg[section][key] < 1:
             raise ConfigError(f"{section}.{key} must be at least 1")
     if not 0.0 <= base["dropout"] < 1.0:

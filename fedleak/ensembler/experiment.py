@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attacker.ensembler_inversion import AttackSettings, fit_inverter, variants
+from attacker.ensembler_inversion import AttackSettings, choose, fit_inverters, variants
 from fedleak.ensembler import baselines, remote
 from fedleak.ensembler.data import Splits, load_splits
 from fedleak.ensembler.report import WEAK_ATTACK_SSIM, write_report
@@ -52,6 +52,7 @@ def attack_settings(cfg: dict) -> AttackSettings:
         device=device,
         bn_weight=a["bn-weight"],
         align_weight=a["align-weight"],
+        restarts=a["restarts"],
     )
 
 
@@ -118,14 +119,16 @@ def attack_defense(
     settings = attack_settings(cfg)
     out: dict[str, dict[str, dict]] = {d: {} for d in received}
     for variant in variants(len(nets), adaptive):
-        inverter = None
+        inverters = None
         for defense, features in received.items():
             started = time.monotonic()
-            # Aligning to the received features makes the shadow depend on the defense.
-            if inverter is None or settings.align_weight > 0:
-                inverter = fit_inverter(
+            # Aligning to the received features makes the shadows depend on the defense; the
+            # restart is chosen per defense either way (by how well it explains its features).
+            if inverters is None or settings.align_weight > 0:
+                inverters = fit_inverters(
                     nets, variant, splits.aux.images, splits.aux.labels, settings, features
                 )
+            inverter, choice = choose(inverters, features)
             recon = inverter(features)
             out[defense][variant] = {
                 **score(recon, splits.victims.images),
@@ -133,6 +136,7 @@ def attack_defense(
                 "shadow_aux_accuracy": inverter.stats["shadow"].get("aux_accuracy"),
                 "decoder_mse": inverter.stats["decoder"].get("mse"),
                 "gate": inverter.stats["shadow"].get("gate"),
+                **choice,
                 "_images": recon[:GRID_IMAGES],
             }
     return out
