@@ -315,12 +315,15 @@ def cycle_error(
 
 
 def choose(inverters: list[Inverter], received: Tensor) -> tuple[Inverter, dict]:
-    """The restart with the lowest cycle error on these features, and what was compared."""
-    if len(inverters) == 1:
-        return inverters[0], {}
+    """The restart with the lowest cycle error on these features, and the errors compared
+    (the chosen one's also serves to rank variants without ground truth)."""
     errors = [cycle_error(inv.shadow.head, inv.decoder, received) for inv in inverters]
     best = min(range(len(errors)), key=errors.__getitem__)
-    return inverters[best], {"chosen_restart": best, "cycle_errors": errors}
+    return inverters[best], {
+        "chosen_restart": best,
+        "cycle_errors": errors,
+        "cycle_error": errors[best],
+    }
 
 
 def variants(num_nets: int, adaptive: bool) -> list[str]:

@@ -19,7 +19,7 @@ from attacker.ensembler_inversion import (
     fit_inverters,
     variants,
 )
-from fedleak.ensembler import baselines, training
+from fedleak.ensembler import baselines, experiment, training
 from fedleak.ensembler.config import load_preset, preset_names
 from fedleak.ensembler.data import Split, load_splits
 from fedleak.errors import ConfigError
@@ -218,8 +218,32 @@ def test_choose_keeps_the_restart_that_best_explains_the_features():
     assert chosen.stats["scale"] == 0.9
     assert info["chosen_restart"] == 1
     assert info["cycle_errors"] == pytest.approx([0.64, 0.01, 0.49], rel=1e-4)
+    assert info["cycle_error"] == pytest.approx(0.01, rel=1e-4)
     only = inverter(0.2)
-    assert choose([only], received) == (only, {})
+    chosen, info = choose([only], received)
+    assert chosen is only and info["chosen_restart"] == 0
+    assert info["cycle_error"] == pytest.approx(0.64, rel=1e-4)
+
+
+def test_table_rows_add_the_net_an_attacker_would_pick_without_ground_truth():
+    attacks = {
+        "net-0": {"ssim": 0.30, "psnr": 13.0, "cycle_error": 2.1},
+        "net-1": {"ssim": -0.01, "psnr": 10.4, "cycle_error": 1.9},
+        "net-2": {"ssim": 0.10, "psnr": 14.0, "cycle_error": 2.8},
+        "adaptive": {"ssim": 0.19, "psnr": 12.5, "cycle_error": 1.8, "_images": None},
+    }
+    rows = experiment.table_rows("ensembler", 0.50, 0.52, attacks)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["N=1 (best SSIM)"]["variant"] == "net-0"  # the paper's oracle choice
+    assert by_name["N=1 (best PSNR)"]["variant"] == "net-2"
+    assert by_name["N=1 (attacker's choice)"]["variant"] == "net-1"
+    assert by_name["Adaptive"]["accuracy_change"] == pytest.approx(-2.0)
+    assert all("_images" not in r for r in rows)
+    none = {"defense": "none", "name": "NONE", "ssim": 0.4, "accuracy_change": 0.0}
+    verdict = experiment.acceptance([none, *rows])
+    assert verdict["ssim_ratio_strongest_attack"] == pytest.approx(0.75)  # 0.30 / 0.40
+    assert not verdict["ssim_met_strongest_attack"] and verdict["accuracy_met"]
+    assert verdict["ssim_ratio_per_row"]["N=1 (attacker's choice)"] == pytest.approx(-0.025)
 
 
 def test_restarts_are_differently_seeded_shadows(tiny, stage1_nets):
