@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedleak.ensembler import training
@@ -129,23 +128,8 @@ def _train_dropout(split: Split, cfg: dict, num_nets: int, defense: str):
     torch.manual_seed(seed)
     model = DropoutEnsemble(noise, num_nets, cfg["baselines"]["dropout"]).to(device)
 
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(x)
-        return F.cross_entropy(logits, y), logits
-
-    t = cfg["train"]
-    stats = training.fit(
-        [model],
-        list(model.parameters()),
-        step,
-        split,
-        epochs=t["epochs"],
-        lr=t["lr"],
-        tcfg=t,
-        seed=seed,
-        augment=cfg["data"]["augment"],
-        name=defense,
-        device=device,
+    stats = training.fit_classifier(
+        [model], model, split, cfg, seed=seed, name=defense, device=device
     )
     model.cpu()
     server = ServerBundle(

@@ -110,23 +110,27 @@ def fit(
     return stats
 
 
-def train_fullnet(
-    split: Split, noise: Tensor, cfg: dict, *, seed: int, name: str, dropout: float = 0.0
-) -> tuple[FullNet, dict]:
-    """One head + fixed noise + server net + tail, trained end to end (Eq. 2)."""
-    device = resolve_device(cfg["device"])
-    torch.manual_seed(seed)
-    net = FullNet(noise).to(device)
-    drop = nn.Dropout(dropout)
+def fit_classifier(
+    modules: list[nn.Module],
+    forward: Callable[[Tensor], Tensor],
+    split: Split,
+    cfg: dict,
+    *,
+    seed: int,
+    name: str,
+    device: torch.device,
+) -> dict:
+    """Cross-entropy training of ``forward`` end to end with the [train] settings (stage 1 and
+    the one-round baselines); ``modules`` hold every trained parameter."""
 
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = net.tail(drop(net.body(net.head(x) + net.noise)))
+        logits = forward(x)
         return F.cross_entropy(logits, y), logits
 
     t = cfg["train"]
-    stats = fit(
-        [net, drop],
-        list(net.parameters()),
+    return fit(
+        modules,
+        [p for m in modules for p in m.parameters()],
         step,
         split,
         epochs=t["epochs"],
@@ -137,6 +141,21 @@ def train_fullnet(
         name=name,
         device=device,
     )
+
+
+def train_fullnet(
+    split: Split, noise: Tensor, cfg: dict, *, seed: int, name: str, dropout: float = 0.0
+) -> tuple[FullNet, dict]:
+    """One head + fixed noise + server net + tail, trained end to end (Eq. 2)."""
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(seed)
+    net = FullNet(noise).to(device)
+    drop = nn.Dropout(dropout)
+
+    def forward(x: Tensor) -> Tensor:
+        return net.tail(drop(net.body(net.head(x) + net.noise)))
+
+    stats = fit_classifier([net, drop], forward, split, cfg, seed=seed, name=name, device=device)
     return net.cpu().eval(), stats
 
 
