@@ -46,12 +46,16 @@ def test_smoke_preset_through_real_server_processes(data_root, tmp_path, capsys)
     assert {n for n in names if "attacker's choice" not in n} == set(PAPER_TABLE1)
     for row in results["rows"]:
         assert 0 <= row["accuracy"] <= 1 and -1 <= row["ssim"] <= 1 and row["psnr"] > 0
+        # the smoke preset runs two independent attackers; the row is their mean
+        assert len(row["trials"]) == 2
+        assert row["ssim"] == pytest.approx(sum(t["ssim"] for t in row["trials"]) / 2)
+    assert results["acceptance"]["trials"] == 2
     # the attack inverted what the server process recorded, which is what the client sent
     for check in results["serving"].values():
         assert check["recorded"] == 32 and check["max_abs_diff_to_client_encoding"] < 1e-5
     assert results["acceptance"]["evaluated"]
     assert (run / "grids" / "overview.png").is_file()
     html = (run / "report.html").read_text()
-    assert "paper: SSIM" in html and "0.4363" in html
+    assert "paper: SSIM" in html and "0.4363" in html and " ± " in html
     assert not (run / "recordings" / "none").exists()  # deleted once attacked
     assert "report.html" in capsys.readouterr().out

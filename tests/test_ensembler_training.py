@@ -238,12 +238,66 @@ def test_table_rows_add_the_net_an_attacker_would_pick_without_ground_truth():
     assert by_name["N=1 (best PSNR)"]["variant"] == "net-2"
     assert by_name["N=1 (attacker's choice)"]["variant"] == "net-1"
     assert by_name["Adaptive"]["accuracy_change"] == pytest.approx(-2.0)
-    assert all("_images" not in r for r in rows)
+    assert by_name["Adaptive"]["_images"] is None  # kept for the grids, dropped from results
+    assert all(not k.startswith("_") for r in rows for k in experiment._public(r))
     none = {"defense": "none", "name": "NONE", "ssim": 0.4, "accuracy_change": 0.0}
     verdict = experiment.acceptance([none, *rows])
     assert verdict["ssim_ratio_strongest_attack"] == pytest.approx(0.75)  # 0.30 / 0.40
     assert not verdict["ssim_met_strongest_attack"] and verdict["accuracy_met"]
     assert verdict["ssim_ratio_per_row"]["N=1 (attacker's choice)"] == pytest.approx(-0.025)
+
+
+def _trial(ssim: float, psnr: float, cycle: float, images: object = None) -> dict:
+    return {
+        "ssim": ssim,
+        "psnr": psnr,
+        "cycle_error": cycle,
+        "attack_seconds": 1.0,
+        "_images": images,
+    }
+
+
+def test_summary_over_trials_is_the_mean_with_the_median_trial_on_the_grid():
+    out = experiment.summarize(
+        [_trial(0.30, 13.0, 2.0, "a"), _trial(-0.10, 10.0, 1.0, "b"), _trial(0.10, 12.0, 3.0, "c")]
+    )
+    assert out["ssim"] == pytest.approx(0.10) and out["psnr"] == pytest.approx(35.0 / 3)
+    assert out["ssim_std"] == pytest.approx(0.2)  # sample std of 0.3, -0.1, 0.1
+    assert out["cycle_error"] == pytest.approx(2.0) and out["attack_seconds"] == 3.0
+    assert out["grid_trial"] == 2 and out["_images"] == "c"
+    assert [t["ssim"] for t in out["trials"]] == [0.30, -0.10, 0.10]
+    assert all("_images" not in t for t in out["trials"])
+    one = experiment.summarize([_trial(0.25, 12.0, 1.5)])
+    assert one["ssim"] == 0.25 and one["ssim_std"] == 0.0 and one["grid_trial"] == 0
+
+
+def test_attackers_choice_picks_a_net_per_trial_by_cycle_error():
+    # Trial 0: net-1 explains the features best; trial 1: net-0. Ground truth plays no part.
+    nets = {
+        "net-0": experiment.summarize(
+            [_trial(0.40, 14.0, 2.0, "0a"), _trial(0.20, 12.0, 1.0, "0b")]
+        ),
+        "net-1": experiment.summarize(
+            [_trial(0.00, 10.0, 1.5, "1a"), _trial(0.30, 13.0, 1.8, "1b")]
+        ),
+    }
+    choice = experiment.attackers_choice(nets)
+    assert choice["variant"] == "net-1,net-0"
+    assert choice["ssim"] == pytest.approx(0.10)  # mean of 0.00 (net-1, trial 0), 0.20
+    assert choice["_images"] in {"1a", "0b"}
+    rows = experiment.table_rows("ensembler", 0.5, 0.5, nets)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["N=1 (best SSIM)"]["variant"] == "net-0"  # mean 0.30 vs 0.15
+    assert by_name["N=1 (attacker's choice)"]["ssim"] == pytest.approx(0.10)
+    assert experiment.attackers_choice({"net-0": {"ssim": 0.1, "psnr": 9.0}}) is None
+
+
+def test_trials_are_independent_attackers():
+    settings = AttackSettings(restarts=3, seed=5)
+    seeds = [experiment.trial_settings(settings, t).seed for t in range(3)]
+    assert seeds == [5, 8, 11]  # restarts 5-7, 8-10, 11-13: no shadow shared
+    with pytest.raises(ConfigError, match="trials"):
+        load_preset("ensembler-cifar10-smoke", ["attack.trials=0"])
 
 
 def test_restarts_are_differently_seeded_shadows(tiny, stage1_nets):

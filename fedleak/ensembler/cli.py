@@ -113,7 +113,8 @@ def _run(args: argparse.Namespace) -> int:
     for row in results["rows"]:
         print(
             f"{row['name']:<26} acc {row['accuracy']:.4f} ({row['accuracy_change']:+.2f}) "
-            f"SSIM {row['ssim']:.4f} PSNR {row['psnr']:.2f}"
+            f"SSIM {row['ssim']:.4f} ± {row.get('ssim_std', 0.0):.4f} "
+            f"PSNR {row['psnr']:.2f} ± {row.get('psnr_std', 0.0):.2f}"
         )
     print(folder / "report.html")
     return 0

@@ -80,6 +80,7 @@ def validate(cfg: Config) -> Config:
         ("train", "batch-size"),
         ("attack", "batch-size"),
         ("attack", "restarts"),
+        ("attack", "trials"),
     ):
         if cfg[section][key] < 1:
             raise ConfigError(f"{section}.{key} must be at least 1")

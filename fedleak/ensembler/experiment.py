@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -110,40 +111,94 @@ def score(recon: Tensor, truth: Tensor) -> dict:
     return {"ssim": float(ssim(recon, truth).mean()), "psnr": float(psnr(recon, truth).mean())}
 
 
+def trial_settings(settings: AttackSettings, trial: int) -> AttackSettings:
+    """Trial t is an independent attacker: its restarts are seeded seed + t*R, seed + t*R + 1,
+    ..., so no two trials share a shadow and trial 0 is the single-trial attack."""
+    return replace(settings, seed=settings.seed + trial * settings.restarts)
+
+
+def summarize(trials: list[dict]) -> dict:
+    """One variant's scores over independent attacker trials. A single shadow's SSIM depends on
+    its seed more than on the defense (NONE, five seeds: -0.03 to 0.38), so the table reports
+    the mean with its standard deviation and keeps every trial; the grid shows the trial with
+    the median SSIM."""
+    public = [_public(t) for t in trials]
+    ssims = [t["ssim"] for t in trials]
+    median = sorted(range(len(trials)), key=ssims.__getitem__)[(len(trials) - 1) // 2]
+    out: dict = {
+        "ssim": _mean(ssims),
+        "ssim_std": _std(ssims),
+        "psnr": _mean([t["psnr"] for t in trials]),
+        "psnr_std": _std([t["psnr"] for t in trials]),
+        "attack_seconds": round(sum(t.get("attack_seconds", 0.0) for t in trials), 1),
+        "grid_trial": median,
+        "trials": public,
+        "_images": trials[median]["_images"],
+        "_trial_images": [t["_images"] for t in trials],
+    }
+    for key in ("cycle_error", "shadow_aux_accuracy", "decoder_mse"):
+        values = [t[key] for t in trials if isinstance(t.get(key), int | float)]
+        if values:
+            out[key] = _mean(values)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (0 for one trial)."""
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def attack_defense(
     server_path: Path, received: dict[str, Tensor], splits: Splits, cfg: dict, adaptive: bool
 ) -> dict[str, dict[str, dict]]:
-    """{defense: {variant: scores}} for the defenses sharing this server bundle; also keeps
-    each variant's first reconstructions under ``"_images"`` for the grids."""
+    """{defense: {variant: scores over the trials}} for the defenses sharing this server
+    bundle; each variant also keeps its median trial's first reconstructions under
+    ``"_images"`` for the grids."""
     nets = load_server_bundle(server_path).nets
     settings = attack_settings(cfg)
     out: dict[str, dict[str, dict]] = {d: {} for d in received}
     for variant in variants(len(nets), adaptive):
-        inverters = None
-        for defense, features in received.items():
-            started = time.monotonic()
-            # Aligning to the received features makes the shadows depend on the defense; the
-            # restart is chosen per defense either way (by how well it explains its features).
-            if inverters is None or settings.align_weight > 0:
-                inverters = fit_inverters(
-                    nets, variant, splits.aux.images, splits.aux.labels, settings, features
+        trials: dict[str, list[dict]] = {d: [] for d in received}
+        for trial in range(cfg["attack"]["trials"]):
+            attacker = trial_settings(settings, trial)
+            inverters = None
+            for defense, features in received.items():
+                started = time.monotonic()
+                # Aligning to the received features makes the shadows depend on the defense;
+                # the restart is chosen per defense either way (how well it explains them).
+                if inverters is None or attacker.align_weight > 0:
+                    inverters = fit_inverters(
+                        nets, variant, splits.aux.images, splits.aux.labels, attacker, features
+                    )
+                inverter, choice = choose(inverters, features)
+                recon = inverter(features)
+                trials[defense].append(
+                    {
+                        **score(recon, splits.victims.images),
+                        "seed": attacker.seed,
+                        "attack_seconds": round(time.monotonic() - started, 1),
+                        "shadow_aux_accuracy": inverter.stats["shadow"].get("aux_accuracy"),
+                        "decoder_mse": inverter.stats["decoder"].get("mse"),
+                        "gate": inverter.stats["shadow"].get("gate"),
+                        **choice,
+                        "_images": recon[:GRID_IMAGES],
+                    }
                 )
-            inverter, choice = choose(inverters, features)
-            recon = inverter(features)
-            out[defense][variant] = {
-                **score(recon, splits.victims.images),
-                "attack_seconds": round(time.monotonic() - started, 1),
-                "shadow_aux_accuracy": inverter.stats["shadow"].get("aux_accuracy"),
-                "decoder_mse": inverter.stats["decoder"].get("mse"),
-                "gate": inverter.stats["shadow"].get("gate"),
-                **choice,
-                "_images": recon[:GRID_IMAGES],
-            }
+        for defense, results in trials.items():
+            out[defense][variant] = summarize(results)
     return out
 
 
 def table_rows(defense: str, accuracy: float, none_accuracy: float, attacks: dict) -> list[dict]:
-    """Table 1's rows for one defense: one row per net, or best-of-N plus adaptive."""
+    """Table 1's rows for one defense: one row per net, or best-of-N plus adaptive. Rows keep
+    their reconstructions for the grids under private keys (``_public`` drops them)."""
     label = baselines.LABELS[defense]
     base = {
         "defense": defense,
@@ -153,12 +208,12 @@ def table_rows(defense: str, accuracy: float, none_accuracy: float, attacks: dic
     singles = {v: s for v, s in attacks.items() if v.startswith("net-")}
     if len(singles) == 1 and "adaptive" not in attacks:
         ((variant, s),) = singles.items()
-        return [{**base, "name": label, "variant": variant, **_public(s)}]
+        return [{**base, "name": label, "variant": variant, **s}]
     prefix = "N=1" if defense == "ensembler" else label
     rows = []
     if "adaptive" in attacks:
         name = "Adaptive" if defense == "ensembler" else f"{label} (adaptive)"
-        rows.append({**base, "name": name, "variant": "adaptive", **_public(attacks["adaptive"])})
+        rows.append({**base, "name": name, "variant": "adaptive", **attacks["adaptive"]})
     for metric in ("ssim", "psnr"):
         variant = max(singles, key=lambda v, m=metric: singles[v][m])
         rows.append(
@@ -166,16 +221,30 @@ def table_rows(defense: str, accuracy: float, none_accuracy: float, attacks: dic
                 **base,
                 "name": f"{prefix} (best {metric.upper()})",
                 "variant": variant,
-                **_public(singles[variant]),
+                **singles[variant],
             }
         )
     # "Best" above picks the net with the ground truth, as the paper does; an attacker has only
     # the received features, so it would keep the net whose shadow explains them best.
-    if all("cycle_error" in s for s in singles.values()):
-        variant = min(singles, key=lambda v: singles[v]["cycle_error"])
-        name = f"{prefix} (attacker's choice)"
-        rows.append({**base, "name": name, "variant": variant, **_public(singles[variant])})
+    choice = attackers_choice(singles)
+    if choice is not None:
+        rows.append({**base, "name": f"{prefix} (attacker's choice)", **choice})
     return rows
+
+
+def attackers_choice(singles: dict[str, dict]) -> dict | None:
+    """Per trial, the net whose shadow has the lowest cycle error on the received features;
+    scored as the mean over trials of the chosen nets' scores. None without cycle errors."""
+    per_net = {v: s.get("trials", [s]) for v, s in singles.items()}
+    images = {v: s.get("_trial_images", [s.get("_images")]) for v, s in singles.items()}
+    counts = {len(t) for t in per_net.values()}
+    if len(counts) != 1 or not all("cycle_error" in t for ts in per_net.values() for t in ts):
+        return None
+    picks = [
+        min(per_net, key=lambda v, k=k: per_net[v][k]["cycle_error"]) for k in range(counts.pop())
+    ]
+    chosen = [{**per_net[v][k], "_images": images[v][k]} for k, v in enumerate(picks)]
+    return {**summarize(chosen), "variant": ",".join(picks)}
 
 
 def _public(scores: dict) -> dict:
@@ -196,6 +265,8 @@ def acceptance(rows: list[dict]) -> dict:
         # Ratios only show protection when the attack works on the undefended split.
         "conclusive": none["ssim"] >= WEAK_ATTACK_SSIM,
         "none_ssim": none["ssim"],
+        "none_ssim_std": none.get("ssim_std"),
+        "trials": len(none.get("trials", [none])),
         "ssim_ratio_per_row": ratios,
         "ssim_ratio_strongest_attack": worst,
         "ssim_met_strongest_attack": worst is not None and worst <= 0.5,
@@ -205,11 +276,11 @@ def acceptance(rows: list[dict]) -> dict:
     }
 
 
-def save_grids(run: RunFolder, victims: Tensor, rows: list[dict], images: dict) -> list[dict]:
+def save_grids(run: RunFolder, victims: Tensor, rows: list[dict]) -> list[dict]:
     truth = victims[:GRID_IMAGES]
     figures, overview = [], [truth]
     for row in rows:
-        recon = images[row["defense"]][row["variant"]]
+        recon = row["_images"]
         slug = re.sub(r"[^a-z0-9]+", "-", row["name"].lower()).strip("-")
         path = save_comparison_grid(
             truth,
@@ -286,8 +357,8 @@ def _run(cfg: dict, run: RunFolder, started: float) -> dict:
     rows = []
     for d in trained:
         rows += table_rows(d, accuracy[d], accuracy["none"], attacks[d])
-    images = {d: {v: s["_images"] for v, s in attacks[d].items()} for d in attacks}
-    figures = save_grids(run, splits.victims.images, rows, images)
+    figures = save_grids(run, splits.victims.images, rows)
+    rows = [_public(r) for r in rows]
     results = {
         "rows": rows,
         "acceptance": acceptance(rows),

@@ -38,6 +38,14 @@ def _signed(value: Any) -> str:
     return f"{value:+.2f}" if isinstance(value, int | float) else "—"
 
 
+def _spread(row: dict, metric: str, digits: int) -> str:
+    """``mean ± std`` over the attacker trials when there were several, else the number."""
+    value, std = _num(row.get(metric), digits), row.get(f"{metric}_std")
+    if len(row.get("trials", [])) > 1 and isinstance(std, int | float):
+        return f"{value} ± {std:.{digits}f}"
+    return value
+
+
 def _table(rows: list[dict]) -> str:
     head = (
         "<tr><th class=l>Defense / attack</th><th>accuracy</th><th>change vs NONE "
@@ -57,7 +65,7 @@ def _table(rows: list[dict]) -> str:
         body.append(
             f"<tr><td class=l>{escape(str(r.get('name')))}</td>"
             f"<td>{_num(r.get('accuracy'), 4)}</td><td>{_signed(r.get('accuracy_change'))}</td>"
-            f"<td>{_num(r.get('ssim'), 4)}</td><td>{_num(r.get('psnr'), 2)}</td>"
+            f"<td>{_spread(r, 'ssim', 4)}</td><td>{_spread(r, 'psnr', 2)}</td>"
             f"<td class=l>{escape(str(r.get('variant')))}</td>{ref}</tr>"
         )
     return f"<table>{head}{''.join(body)}</table>"
@@ -121,7 +129,11 @@ def write_report(run_dir: str | Path) -> Path:
             f"process; SSIM/PSNR of the attack's reconstructions of the features that server "
             f"recorded. Models trained on {sizes.get('client_train', '?')} images, attacker's "
             f"auxiliary set {sizes.get('aux', '?')} images, N={ens.get('num-nets', '?')}, "
-            f"P={ens.get('selected', '?')}. Best SSIM / PSNR rows pick the best of the N "
+            f"P={ens.get('selected', '?')}. SSIM / PSNR: mean ± standard deviation over "
+            f"{cfg.get('attack', {}).get('trials', 1)} independent attacker trial(s), each "
+            f"keeping the best of {cfg.get('attack', {}).get('restarts', 1)} shadow restart(s) "
+            "by cycle consistency; every trial is in results.json, and the grids show the "
+            "trial with the median SSIM. Best SSIM / PSNR rows pick the best of the N "
             "single-net attacks with the ground truth, an oracle the attacker does not have. "
             "<b>Paper columns</b>: Liu et al. (2024) Table 1 as published (N=10, P=4, full "
             "CIFAR-10), for reference only; not produced by this run.</p>",
