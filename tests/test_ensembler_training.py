@@ -317,3 +317,22 @@ def test_restarts_are_differently_seeded_shadows(tiny, stage1_nets):
         )
     with pytest.raises(ConfigError, match="restarts"):
         load_preset("ensembler-cifar10-smoke", ["attack.restarts=0"])
+
+
+def test_report_gives_spread_over_trials_and_flags_an_unreliable_attack_on_none(tmp_path):
+    from fedleak.ensembler.report import write_report
+    from fedleak.runfolder import RunFolder
+
+    trials = [_trial(s, 12.0, 1.0) for s in (0.31, 0.11, 0.38)]
+    none = {"defense": "none", "name": "NONE", "accuracy": 0.5, "accuracy_change": 0.0}
+    none.update(experiment._public(experiment.summarize(trials)))
+    ens = {**none, "defense": "ensembler", "name": "Adaptive", "ssim": 0.05, "trials": []}
+    run = RunFolder(tmp_path)
+    run.write_json("meta.json", {"status": "finished", "preset": "x"})
+    run.write_json("config.json", {"attack": {"trials": 3, "restarts": 3}})
+    rows = [none, ens]
+    run.write_json("results.json", {"rows": rows, "acceptance": experiment.acceptance(rows)})
+    html = write_report(tmp_path).read_text("utf-8")
+    assert "0.2667 ± 0.1401" in html  # NONE: mean ± sample std of the three trials
+    assert "2 of its 3 trials reach 0.3 (0.310, 0.110, 0.380)" in html
+    assert "over 3 independent attacker trial(s)" in html
