@@ -17,6 +17,7 @@ import contextlib
 import logging
 import re
 import shutil
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -126,9 +127,9 @@ def summarize(trials: list[dict]) -> dict:
     ssims = [t["ssim"] for t in trials]
     median = sorted(range(len(trials)), key=ssims.__getitem__)[(len(trials) - 1) // 2]
     out: dict = {
-        "ssim": _mean(ssims),
+        "ssim": statistics.fmean(ssims),
         "ssim_std": _std(ssims),
-        "psnr": _mean([t["psnr"] for t in trials]),
+        "psnr": statistics.fmean([t["psnr"] for t in trials]),
         "psnr_std": _std([t["psnr"] for t in trials]),
         "attack_seconds": round(sum(t.get("attack_seconds", 0.0) for t in trials), 1),
         "grid_trial": median,
@@ -139,20 +140,13 @@ def summarize(trials: list[dict]) -> dict:
     for key in ("cycle_error", "shadow_aux_accuracy", "decoder_mse"):
         values = [t[key] for t in trials if isinstance(t.get(key), int | float)]
         if values:
-            out[key] = _mean(values)
+            out[key] = statistics.fmean(values)
     return out
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _std(values: list[float]) -> float:
     """Sample standard deviation (0 for one trial)."""
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def attack_defense(
