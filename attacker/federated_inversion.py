@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from attacker.inversion import Observation, get_attack
+from fedleak.attacker.inversion import Observation, get_attack
 from fedleak.runfolder import atomic_torch_save
 
 

@@ -17,10 +17,10 @@ import torch
 from flwr.app import Context, Message
 from torch import nn
 
-from attacker.generator_store import GeneratorStore
-from clients.app import model_from, reply
-from clients.participant import Participant, local_data
-from clients.training import local_sgd
+from fedleak.attacker.generator_store import GeneratorStore
+from fedleak.clients.app import model_from, reply
+from fedleak.clients.participant import Participant, local_data
+from fedleak.clients.training import local_sgd
 from fedleak.models import build_generator
 from fedleak.models.hitaj import sample_noise
 

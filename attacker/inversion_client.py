@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
-from attacker.federated_inversion import (
+from fedleak.attacker.federated_inversion import (
     Protocol,
     individual_update,
     invert,
@@ -24,8 +24,8 @@ from attacker.federated_inversion import (
     save_reconstruction,
     update_norm,
 )
-from clients.app import model_from, reply, train_locally
-from clients.participant import Participant
+from fedleak.clients.app import model_from, reply, train_locally
+from fedleak.clients.participant import Participant
 from fedleak.data import image_shape
 
 log = logging.getLogger(__name__)

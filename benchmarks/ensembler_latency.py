@@ -38,13 +38,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from clients.ensembler_client import RemoteEnsemble
+from fedleak.clients.ensembler_client import RemoteEnsemble
 from fedleak.models.ensembler import FEATURE_DIM, ServerBundle, save_server_bundle, server_net
-from proto import ensembler_pb2 as pb
-from proto import ensembler_pb2_grpc as pb_grpc
-from proto import wire
-from server.ensemble_runner import EnsembleRunner, default_mode, resolve_device
-from server.ensembler_service import DEFAULT_MAX_BATCH, EnsemblerServicer, serve
+from fedleak.proto import ensembler_pb2 as pb
+from fedleak.proto import ensembler_pb2_grpc as pb_grpc
+from fedleak.proto import wire
+from fedleak.server.ensemble_runner import EnsembleRunner, default_mode, resolve_device
+from fedleak.server.ensembler_service import DEFAULT_MAX_BATCH, EnsemblerServicer, serve
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from attacker.inversion import Observation, fedsgd_update, get_attack
+from fedleak.attacker.inversion import Observation, fedsgd_update, get_attack
 from fedleak.data import load_dataset
 from fedleak.models.leakage import SigmoidLeNet
 

@@ -8,10 +8,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.collaborative_mod import collaborative_mod
-from clients.participant import Participant, local_data, participant
-from clients.privacy_mods import local_dp_mod, update_defense_mod
-from clients.training import local_sgd, round_examples, sgd_on_examples
+from fedleak.clients.collaborative_mod import collaborative_mod
+from fedleak.clients.participant import Participant, local_data, participant
+from fedleak.clients.privacy_mods import local_dp_mod, update_defense_mod
+from fedleak.clients.training import local_sgd, round_examples, sgd_on_examples
 from fedleak.data import load_dataset
 from fedleak.metrics.classification import accuracy
 from fedleak.models import build_classifier
@@ -45,11 +45,11 @@ def reply(msg: Message, model: torch.nn.Module, loss: float, examples: int) -> M
 def train(msg: Message, context: Context) -> Message:
     me = participant(context)
     if me.is_attacker and me.settings.get("mode") == "inversion":
-        from attacker.inversion_client import inversion_attacker_train
+        from fedleak.attacker.inversion_client import inversion_attacker_train
 
         return inversion_attacker_train(msg, context, me)
     if me.is_attacker:
-        from attacker.gan import attacker_train  # the attack's code loads only on its node
+        from fedleak.attacker.gan import attacker_train  # the attack's code loads only on its node
 
         return attacker_train(msg, context, me)
     return honest_train(msg, context, me)

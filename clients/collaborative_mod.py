@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.sparse_upload import dp_select_upload, select_upload
+from fedleak.clients.sparse_upload import dp_select_upload, select_upload
 
 LOCAL_KEY = "collaborative.local-model"
 MASK_KEY = "download-mask"

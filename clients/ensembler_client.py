@@ -1,6 +1,6 @@
 """The Ensembler client: head + noise locally, the N server nets remotely, selector + tail locally.
 
-    python -m clients.ensembler_client --bundle client.pt --server HOST:PORT --images 100
+    python -m fedleak.clients.ensembler_client --bundle client.pt --server HOST:PORT --images 100
 
 classifies the first N CIFAR-10 test images and prints the accuracy. Only the noisy head
 features cross the wire; the selector secret and the tail stay in this process.
@@ -17,8 +17,10 @@ import grpc
 import torch
 from torch import Tensor
 
-from fedleak.ensembler.grpc_modules import pb, pb_grpc, wire
 from fedleak.models.ensembler import BundleError, ClientBundle, load_client_bundle
+from fedleak.proto import ensembler_pb2 as pb
+from fedleak.proto import ensembler_pb2_grpc as pb_grpc
+from fedleak.proto import wire
 
 
 class EnsemblerError(RuntimeError):
@@ -204,7 +206,7 @@ def classify(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m clients.ensembler_client",
+        prog="python -m fedleak.clients.ensembler_client",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.mod import LocalDpMod
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.participant import participant
+from fedleak.clients.participant import participant
 
 
 def _applies(msg: Message, context: Context) -> bool:
@@ -44,7 +44,7 @@ def update_defense_mod(msg: Message, context: Context, call_next: ClientAppCalla
     spec = str(context.run_config.get("defense.client", "none"))
     if spec in ("", "none") or not _applies(msg, context):
         return call_next(msg, context)
-    from clients.defenses import apply_defenses, parse_defenses
+    from fedleak.clients.defenses import apply_defenses, parse_defenses
 
     specs = parse_defenses(spec)
     sent = msg.content.array_records["arrays"]

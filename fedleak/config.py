@@ -195,7 +195,7 @@ def validate_participant(p: dict[str, Any], num_classes: int, where: str = "part
 
 
 def _validate_defense(cfg: Config) -> None:
-    from clients.defenses import parse_defenses
+    from fedleak.clients.defenses import parse_defenses
 
     defense = cfg["defense"]
     try:
@@ -231,7 +231,7 @@ def _validate_inversion(cfg: Config) -> None:
         raise ConfigError("gradient inversion on fedavg needs train.examples-per-round > 0")
     if train["momentum"] != 0 or train["lr-decay"] != 0:
         raise ConfigError("gradient inversion assumes plain SGD: train.momentum = lr-decay = 0")
-    from attacker.inversion import ATTACKS, OptimizationAttack
+    from fedleak.attacker.inversion import ATTACKS, OptimizationAttack
 
     # The generative-prior attacks need a prior trained for the dataset; they run in the
     # gias-vs-ig study, not (yet) inside the federation.

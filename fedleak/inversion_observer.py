@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from clients.app import round_batch
-from clients.participant import Participant
+from fedleak.clients.app import round_batch
+from fedleak.clients.participant import Participant
 from fedleak.config import participant_spec, to_run_config
 from fedleak.data.partition import parse_classes
 from fedleak.metrics.images import score_batch

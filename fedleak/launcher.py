@@ -389,7 +389,7 @@ def finish(
     out,
 ) -> Path:
     from fedleak.report import write_report
-    from server.evaluation import FINAL_MODEL
+    from fedleak.server.evaluation import FINAL_MODEL
 
     try:
         progress.show(observer.poll())

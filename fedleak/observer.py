@@ -115,7 +115,7 @@ class AttackObserver:
 
     def model_inversion(self, model_path: Path) -> dict | None:
         """Fredrikson et al.'s baseline on the final shared model, scored the same way."""
-        from attacker.model_inversion import invert
+        from fedleak.attacker.model_inversion import invert
 
         if not model_path.exists():
             return None

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import ensembler_pb2 as proto_dot_ensembler__pb2
+from fedleak.proto import ensembler_pb2 as fedleak_dot_proto_dot_ensembler__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/ensembler_pb2_grpc.py depends on'
+        + ' but the generated code in fedleak/proto/ensembler_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class EnsemblerStub:
         """
         self.Describe = channel.unary_unary(
                 '/fedleak.ensembler.v1.Ensembler/Describe',
-                request_serializer=proto_dot_ensembler__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=proto_dot_ensembler__pb2.ServerInfo.FromString,
+                request_serializer=fedleak_dot_proto_dot_ensembler__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=fedleak_dot_proto_dot_ensembler__pb2.ServerInfo.FromString,
                 _registered_method=True)
         self.Forward = channel.stream_stream(
                 '/fedleak.ensembler.v1.Ensembler/Forward',
-                request_serializer=proto_dot_ensembler__pb2.FeatureChunk.SerializeToString,
-                response_deserializer=proto_dot_ensembler__pb2.OutputChunk.FromString,
+                request_serializer=fedleak_dot_proto_dot_ensembler__pb2.FeatureChunk.SerializeToString,
+                response_deserializer=fedleak_dot_proto_dot_ensembler__pb2.OutputChunk.FromString,
                 _registered_method=True)
 
 
@@ -69,13 +69,13 @@ def add_EnsemblerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=proto_dot_ensembler__pb2.DescribeRequest.FromString,
-                    response_serializer=proto_dot_ensembler__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=fedleak_dot_proto_dot_ensembler__pb2.DescribeRequest.FromString,
+                    response_serializer=fedleak_dot_proto_dot_ensembler__pb2.ServerInfo.SerializeToString,
             ),
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=proto_dot_ensembler__pb2.FeatureChunk.FromString,
-                    response_serializer=proto_dot_ensembler__pb2.OutputChunk.SerializeToString,
+                    request_deserializer=fedleak_dot_proto_dot_ensembler__pb2.FeatureChunk.FromString,
+                    response_serializer=fedleak_dot_proto_dot_ensembler__pb2.OutputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -103,8 +103,8 @@ class Ensembler:
             request,
             target,
             '/fedleak.ensembler.v1.Ensembler/Describe',
-            proto_dot_ensembler__pb2.DescribeRequest.SerializeToString,
-            proto_dot_ensembler__pb2.ServerInfo.FromString,
+            fedleak_dot_proto_dot_ensembler__pb2.DescribeRequest.SerializeToString,
+            fedleak_dot_proto_dot_ensembler__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,8 +130,8 @@ class Ensembler:
             request_iterator,
             target,
             '/fedleak.ensembler.v1.Ensembler/Forward',
-            proto_dot_ensembler__pb2.FeatureChunk.SerializeToString,
-            proto_dot_ensembler__pb2.OutputChunk.FromString,
+            fedleak_dot_proto_dot_ensembler__pb2.FeatureChunk.SerializeToString,
+            fedleak_dot_proto_dot_ensembler__pb2.OutputChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from proto import ensembler_pb2 as pb
+from fedleak.proto import ensembler_pb2 as pb
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own default receive limit
 # Room for a chunk's fields other than the payload (id <= 128 bytes, a few varints, tags).

@@ -13,10 +13,10 @@ from fedleak.config import from_run_config
 from fedleak.data import image_shape
 from fedleak.models import build_classifier
 from fedleak.runfolder import SERVER_ATTACK_DIR, RunFolder
-from server.curious import CuriousServer
-from server.evaluation import CentralEvaluation
-from server.fleet import Fleet
-from server.strategies import CollaborativeStrategy, FleetStrategy, RobustFedAvg
+from fedleak.server.curious import CuriousServer
+from fedleak.server.evaluation import CentralEvaluation
+from fedleak.server.fleet import Fleet
+from fedleak.server.strategies import CollaborativeStrategy, FleetStrategy, RobustFedAvg
 
 app = ServerApp()
 

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from attacker.federated_inversion import (
+from fedleak.attacker.federated_inversion import (
     Protocol,
     individual_update,
     invert,

@@ -1,6 +1,7 @@
 """The Ensembler server: N server nets behind gRPC (proto/ensembler.proto), plus health checks.
 
-    python -m server.ensembler_service --bundle server.pt [--port 0] [--record DIR] [--threads 1]
+    python -m fedleak.server.ensembler_service --bundle server.pt [--port 0] [--record DIR]
+        [--threads 1]
 
 prints ``fedleak-ensembler listening on HOST:PORT`` once it serves and stops cleanly on SIGTERM
 or SIGINT. Every Forward request is checked chunk by chunk before any of it reaches the nets
@@ -26,10 +27,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from torch import Tensor
 
-from fedleak.ensembler.grpc_modules import pb, pb_grpc, wire
 from fedleak.models.ensembler import FEATURE_DIM, BundleError, load_server_bundle
+from fedleak.proto import ensembler_pb2 as pb
+from fedleak.proto import ensembler_pb2_grpc as pb_grpc
+from fedleak.proto import wire
 from fedleak.runfolder import atomic_torch_save, atomic_write_bytes, now_iso
-from server.ensemble_runner import EnsembleRunner, Mode
+from fedleak.server.ensemble_runner import EnsembleRunner, Mode
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Ensembler"].full_name
 DEFAULT_MAX_BATCH = 1024
@@ -340,7 +343,7 @@ def load_recordings(directory: str | os.PathLike) -> list[tuple[str, Tensor]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m server.ensembler_service",
+        prog="python -m fedleak.server.ensembler_service",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

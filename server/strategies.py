@@ -20,10 +20,10 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.collaborative_mod import MASK_KEY, PROTOCOL, RESYNC
-from clients.sparse_upload import download_mask
-from server.fleet import Fleet
-from server.replies import usable_replies
+from fedleak.clients.collaborative_mod import MASK_KEY, PROTOCOL, RESYNC
+from fedleak.clients.sparse_upload import download_mask
+from fedleak.server.fleet import Fleet
+from fedleak.server.replies import usable_replies
 
 
 def round_metrics(metrics: MetricRecord | None) -> dict[str, float]:

@@ -5,10 +5,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from attacker.gan import train_generator
-from attacker.generator_store import GeneratorStore
-from attacker.model_inversion import invert
-from clients.app import train
+from fedleak.attacker.gan import train_generator
+from fedleak.attacker.generator_store import GeneratorStore
+from fedleak.attacker.model_inversion import invert
+from fedleak.clients.app import train
 from fedleak.config import load_preset, to_run_config
 from fedleak.models import build_classifier, build_generator
 from fedleak.models.hitaj import sample_noise

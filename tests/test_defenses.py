@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clients.defenses import (
+from fedleak.clients.defenses import (
     DefenseSpec,
     apply_defenses,
     clip,

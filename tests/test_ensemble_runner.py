@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fedleak.models.ensembler import server_net
-from server import ensemble_runner
-from server.ensemble_runner import EnsembleRunner, default_mode, resolve_device
+from fedleak.server import ensemble_runner
+from fedleak.server.ensemble_runner import EnsembleRunner, default_mode, resolve_device
 
 
 def random_nets(n: int, seed: int = 0) -> list[nn.Module]:

@@ -1,5 +1,6 @@
 """The Ensembler gRPC service: generated code in sync, wire format, and a real server process
-(``python -m server.ensembler_service``) answering correct, concurrent and malformed requests."""
+(``python -m fedleak.server.ensembler_service``) answering correct, concurrent and malformed
+requests."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.ensembler_client import EnsemblerError, RemoteEnsemble, classify
+from fedleak.clients.ensembler_client import EnsemblerError, RemoteEnsemble, classify
 from fedleak.data import load_dataset
 from fedleak.models.ensembler import (
     ClientBundle,
@@ -33,11 +34,12 @@ from fedleak.models.ensembler import (
     save_server_bundle,
     server_net,
 )
-from proto import ensembler_pb2 as pb
-from proto import ensembler_pb2_grpc as pb_grpc
-from proto import wire
-from server.ensemble_runner import EnsembleRunner
-from server.ensembler_service import SERVICE_NAME, ChunkValidator, load_recordings
+from fedleak.proto import ensembler_pb2 as pb
+from fedleak.proto import ensembler_pb2_grpc as pb_grpc
+from fedleak.proto import wire
+from fedleak.proto.generate import generate
+from fedleak.server.ensemble_runner import EnsembleRunner
+from fedleak.server.ensembler_service import SERVICE_NAME, ChunkValidator, load_recordings
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (64, 16, 16)
@@ -59,10 +61,8 @@ def embedded_descriptor(source: str) -> bytes:
 
 def test_generated_code_matches_the_proto(tmp_path):
     """Regenerate into a temp dir: the committed modules must be what protoc makes today."""
-    protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools is a dev dependency")
-    args = ["protoc", f"-I{REPO}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}"]
-    assert protoc.main([*args, str(REPO / "proto/ensembler.proto")]) == 0
-    fresh, committed = tmp_path / "proto", REPO / "proto"
+    pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools is a dev dependency")
+    fresh, committed = generate(tmp_path), REPO / "proto"
     # The schema itself, whatever grpcio-tools version generated the committed modules.
     schema = embedded_descriptor((fresh / "ensembler_pb2.py").read_text())
     assert schema == pb.DESCRIPTOR.serialized_pb, "regenerate the modules (see proto/README.md)"
@@ -139,7 +139,7 @@ def make_bundles(tmp: Path, num_nets: int = 2) -> tuple[Path, Path]:
 class ServerProcess:
     def __init__(self, tmp: Path, bundle: Path) -> None:
         self.port_file, self.record, self.log = tmp / "port", tmp / "record", tmp / "server.log"
-        cmd = [sys.executable, "-m", "server.ensembler_service", "--bundle", str(bundle)]
+        cmd = [sys.executable, "-m", "fedleak.server.ensembler_service", "--bundle", str(bundle)]
         cmd += ["--threads", "1", "--port-file", str(self.port_file), "--record", str(self.record)]
         cmd += ["--max-batch", str(MAX_BATCH), "--device", "cpu"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -397,7 +397,7 @@ def test_client_side_errors(server, bundles):
 
 @pytest.mark.integration
 def test_command_line_client(server, bundles, data_root, capsys):
-    from clients.ensembler_client import main
+    from fedleak.clients.ensembler_client import main
 
     args = ["--bundle", str(bundles[1]), "--server", server.address, "--images", "3"]
     assert main([*args, "--data-root", str(data_root)]) == 0

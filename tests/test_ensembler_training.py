@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attacker.ensembler_inversion import (
+from fedleak.attacker.ensembler_inversion import (
     AttackSettings,
     Decoder,
     Inverter,

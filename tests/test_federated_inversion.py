@@ -8,14 +8,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from attacker.federated_inversion import (
+from fedleak.attacker.federated_inversion import (
     Protocol,
     individual_update,
     isolate_others,
     observation_from_update,
 )
-from attacker.inversion import fedavg_update, fedsgd_update, idlg_label
-from clients.training import round_examples, sgd_on_examples
+from fedleak.attacker.inversion import fedavg_update, fedsgd_update, idlg_label
+from fedleak.clients.training import round_examples, sgd_on_examples
 from fedleak.config import load_preset
 from fedleak.errors import ConfigError
 from fedleak.models import build_classifier
@@ -111,11 +111,11 @@ def test_with_several_victims_the_attacker_gets_their_aggregate():
 
 
 def test_curious_server_sees_individual_updates_and_changes_nothing(tmp_path, monkeypatch):
-    from server.curious import CuriousServer
+    from fedleak.server.curious import CuriousServer
 
     seen = []
     monkeypatch.setattr(
-        "server.curious.invert",
+        "fedleak.server.curious.invert",
         lambda model, obs, *a, **k: seen.append(obs) or {"images": torch.zeros(1)},
     )
 
@@ -181,7 +181,7 @@ def test_convergence_stop_is_relative_to_the_update():
     attacked: the early stop compares the distance with the update's own size."""
     from dataclasses import replace
 
-    from attacker.federated_inversion import convergence_threshold, invert
+    from fedleak.attacker.federated_inversion import convergence_threshold, invert
 
     model = _model()
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([5])

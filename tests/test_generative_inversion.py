@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacker.inversion import (
+from fedleak.attacker.inversion import (
     ATTACKS,
     GIAS,
     GIML,
@@ -22,9 +22,9 @@ from attacker.inversion import (
     get_attack,
     meta_learn_generator,
 )
-from attacker.inversion.generative import LATENT, PARAMS, GenerativeConfig
-from attacker.inversion.giml import reptile_step
-from attacker.inversion.prior import prior_cache_path, train_dcgan_prior
+from fedleak.attacker.inversion.generative import LATENT, PARAMS, GenerativeConfig
+from fedleak.attacker.inversion.giml import reptile_step
+from fedleak.attacker.inversion.prior import prior_cache_path, train_dcgan_prior
 from fedleak.metrics.images import mse
 
 SIDE, NZ, CLASSES = 8, 4, 4
@@ -250,6 +250,6 @@ def test_prior_rejects_images_of_the_wrong_size() -> None:
 
 
 def _settings(kwargs: dict):
-    from attacker.inversion.prior import PriorSettings
+    from fedleak.attacker.inversion.prior import PriorSettings
 
     return PriorSettings(**kwargs)

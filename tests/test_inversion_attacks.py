@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacker.inversion import (
+from fedleak.attacker.inversion import (
     ATTACKS,
     Observation,
     fedavg_update,

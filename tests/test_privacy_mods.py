@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from clients.app import app
+from fedleak.clients.app import app
 from fedleak.config import load_preset, to_run_config
 from fedleak.errors import ConfigError
 from fedleak.models import build_classifier

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from clients.collaborative_mod import LOCAL_KEY, MASK_KEY, collaborative_mod
-from clients.sparse_upload import (
+from fedleak.clients.collaborative_mod import LOCAL_KEY, MASK_KEY, collaborative_mod
+from fedleak.clients.sparse_upload import (
     LaplaceScales,
     clip,
     download_mask,
@@ -14,9 +14,9 @@ from clients.sparse_upload import (
     select_upload,
     upload_count,
 )
-from server.fleet import Fleet
-from server.replies import reply_problem
-from server.strategies import CollaborativeStrategy
+from fedleak.server.fleet import Fleet
+from fedleak.server.replies import reply_problem
+from fedleak.server.strategies import CollaborativeStrategy
 
 
 @pytest.fixture(autouse=True)

@@ -5,19 +5,19 @@ The attacker sees an :class:`Observation` (model, update, declared metadata) and
 :class:`Reconstruction`; scoring against the private batch is ``fedleak.metrics.images``'s job.
 """
 
-from attacker.inversion.attacks import InversionConfig, OptimizationAttack, Reconstruction
-from attacker.inversion.generative import (
+from fedleak.attacker.inversion.attacks import InversionConfig, OptimizationAttack, Reconstruction
+from fedleak.attacker.inversion.generative import (
     GIAS,
     GenerativeAttack,
     GenerativeConfig,
     GenerativeReconstruction,
     LatentSearch,
 )
-from attacker.inversion.giml import GIML, GIMLConfig, meta_learn_generator
-from attacker.inversion.labels import idlg_label, recover_labels
-from attacker.inversion.observation import Observation, fedavg_update, fedsgd_update
-from attacker.inversion.prior import train_dcgan_prior
-from attacker.inversion.registry import ATTACKS, get_attack
+from fedleak.attacker.inversion.giml import GIML, GIMLConfig, meta_learn_generator
+from fedleak.attacker.inversion.labels import idlg_label, recover_labels
+from fedleak.attacker.inversion.observation import Observation, fedavg_update, fedsgd_update
+from fedleak.attacker.inversion.prior import train_dcgan_prior
+from fedleak.attacker.inversion.registry import ATTACKS, get_attack
 
 __all__ = [
     "ATTACKS",

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from attacker.inversion.labels import idlg_label, recover_labels
-from attacker.inversion.objectives import TotalVariation, get_distance
-from attacker.inversion.observation import Observation, sent_model, trainable
+from fedleak.attacker.inversion.labels import idlg_label, recover_labels
+from fedleak.attacker.inversion.objectives import TotalVariation, get_distance
+from fedleak.attacker.inversion.observation import Observation, sent_model, trainable
 
 # callback(step, losses of the restarts in flight, their images, their restart ids) -> stop?
 Callback = Callable[[int, Tensor, Tensor, list[int]], bool | None]

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from attacker.inversion.attacks import Callback, Reconstruction, _Simulator
-from attacker.inversion.labels import recover_labels
-from attacker.inversion.observation import Observation
+from fedleak.attacker.inversion.attacks import Callback, Reconstruction, _Simulator
+from fedleak.attacker.inversion.labels import recover_labels
+from fedleak.attacker.inversion.observation import Observation
 
 LATENT, PARAMS = "latent", "params"
 

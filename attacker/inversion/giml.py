@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attacker.inversion.generative import GenerativeAttack, GenerativeConfig
-from attacker.inversion.observation import Observation
-from attacker.inversion.prior import PriorSettings, build_generator, latent_side
+from fedleak.attacker.inversion.generative import GenerativeAttack, GenerativeConfig
+from fedleak.attacker.inversion.observation import Observation
+from fedleak.attacker.inversion.prior import PriorSettings, build_generator, latent_side
 
 # callback(meta step, mean final task cost, the generator after the step) -> stop?
 MetaCallback = Callable[[int, float, nn.Module], bool | None]

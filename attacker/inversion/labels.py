@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attacker.inversion.observation import Observation, sent_model
+from fedleak.attacker.inversion.observation import Observation, sent_model
 
 DUMMY_SAMPLES = 256
 

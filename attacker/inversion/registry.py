@@ -6,9 +6,9 @@ The generative-prior attacks (``gias``, ``gi-latent``, ``giml``) also take the g
 
 from __future__ import annotations
 
-from attacker.inversion.attacks import DLG, IDLG, InvertingGradients, OptimizationAttack
-from attacker.inversion.generative import GIAS, GenerativeAttack, LatentSearch
-from attacker.inversion.giml import GIML
+from fedleak.attacker.inversion.attacks import DLG, IDLG, InvertingGradients, OptimizationAttack
+from fedleak.attacker.inversion.generative import GIAS, GenerativeAttack, LatentSearch
+from fedleak.attacker.inversion.giml import GIML
 
 ATTACKS: dict[str, type[OptimizationAttack] | type[GenerativeAttack]] = {
     cls.name: cls for cls in (DLG, IDLG, InvertingGradients, GIAS, LatentSearch, GIML)

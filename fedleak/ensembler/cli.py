@@ -150,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.ensembler_service import main as service_main
+    from fedleak.server.ensembler_service import main as service_main
 
     argv = [
         "--bundle",
@@ -188,13 +188,13 @@ def _classify(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     import torch
 
-    from attacker.ensembler_inversion import choose, fit_inverters, variants
+    from fedleak.attacker.ensembler_inversion import choose, fit_inverters, variants
     from fedleak.ensembler.data import load_splits
     from fedleak.ensembler.experiment import attack_settings, score
     from fedleak.ensembler.remote import received_features
     from fedleak.models.ensembler import load_server_bundle
     from fedleak.report.grids import save_image_grid
-    from server.ensembler_service import load_recordings
+    from fedleak.server.ensembler_service import load_recordings
 
     cfg = _cfg(args)
     splits = load_splits(cfg)

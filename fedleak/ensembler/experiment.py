@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from attacker.ensembler_inversion import AttackSettings, choose, fit_inverters, variants
+from fedleak.attacker.ensembler_inversion import AttackSettings, choose, fit_inverters, variants
 from fedleak.ensembler import baselines, remote
 from fedleak.ensembler.data import Splits, load_splits
 from fedleak.ensembler.report import WEAK_ATTACK_SSIM, write_report

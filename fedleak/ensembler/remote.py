@@ -1,8 +1,9 @@
 """The server as a separate OS process, and the client classifying through it over gRPC.
 
 The experiment never hands the attacker a tensor the client computed: it starts
-``python -m server.ensembler_service --record DIR`` on the server bundle, the client classifies
-its images through ``RemoteEnsemble``, and the attack reads what that process wrote to DIR.
+``python -m fedleak.server.ensembler_service --record DIR`` on the server bundle, the client
+classifies its images through ``RemoteEnsemble``, and the attack reads what that process wrote
+to DIR.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def server_process(
     cmd = [
         sys.executable,
         "-m",
-        "server.ensembler_service",
+        "fedleak.server.ensembler_service",
         "--bundle",
         str(bundle),
         "--host",
@@ -110,7 +111,7 @@ def classify_remote(
     client_path: Path, address: str, images: Tensor, *, batch_size: int, timeout: float
 ) -> Tensor:
     """The client's side: its bundle, the remote server nets, logits for ``images``."""
-    from clients.ensembler_client import RemoteEnsemble, classify
+    from fedleak.clients.ensembler_client import RemoteEnsemble, classify
 
     client = load_client_bundle(client_path)
     with RemoteEnsemble(address, timeout=timeout) as remote:
@@ -119,7 +120,7 @@ def classify_remote(
 
 def received_features(record_dir: Path, expected: int) -> Tensor:
     """Every feature the server was sent, in arrival order (the client sends in image order)."""
-    from server.ensembler_service import load_recordings
+    from fedleak.server.ensembler_service import load_recordings
 
     records = load_recordings(record_dir)
     if not records:

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from attacker.inversion import ATTACKS, fedsgd_update, get_attack
-from attacker.inversion.objectives import DISTANCES
-from clients.defenses import apply_defenses, global_norm, parse_defenses
+from fedleak.attacker.inversion import ATTACKS, fedsgd_update, get_attack
+from fedleak.attacker.inversion.objectives import DISTANCES
+from fedleak.clients.defenses import apply_defenses, global_norm, parse_defenses
 from fedleak.data import load_dataset
 from fedleak.metrics.images import score_batch
 from fedleak.models.leakage import SigmoidLeNet

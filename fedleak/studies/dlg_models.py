@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacker.inversion import fedsgd_update, get_attack
+from fedleak.attacker.inversion import fedsgd_update, get_attack
 from fedleak.data import load_dataset
 from fedleak.metrics.images import mse, score_batch
 from fedleak.models.leakage import build_leakage_model

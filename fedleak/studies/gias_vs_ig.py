@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from attacker.inversion import (
+from fedleak.attacker.inversion import (
     GIAS,
     GenerativeConfig,
     GIMLConfig,
@@ -57,7 +57,7 @@ from attacker.inversion import (
     meta_learn_generator,
     train_dcgan_prior,
 )
-from attacker.inversion.giml import untrained_generator
+from fedleak.attacker.inversion.giml import untrained_generator
 from fedleak.data import load_dataset, num_classes
 from fedleak.metrics.images import psnr, score_batch
 from fedleak.models.leakage import SigmoidLeNet
