@@ -131,7 +131,7 @@ class Decoder(nn.Module):
 
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    from fedleak.ensembler.data import augment
+    from fedleak.data.augment import augment
 
     return augment(x, gen)
 

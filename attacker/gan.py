@@ -10,19 +10,20 @@ only what the protocol gives it: the shared parameters and its own data.
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
 from torch import nn
 
 from fedleak.attacker.generator_store import GeneratorStore
-from fedleak.clients.app import model_from, reply
-from fedleak.clients.participant import Participant, local_data
-from fedleak.clients.training import local_sgd
+from fedleak.messages import instructions, received_model, train_reply
 from fedleak.models import build_generator
 from fedleak.models.hitaj import sample_noise
+from fedleak.records import SampleSet
+from fedleak.reporting import participant_reporter
+from fedleak.settings import FederationSettings
+from fedleak.settings.flower import NodeIdentity
+from fedleak.training import device_for, local_data, local_sgd
 
 
 def train_generator(
@@ -41,12 +42,14 @@ def train_generator(
     discriminator.eval()
     generator.train()
     opt = torch.optim.SGD(generator.parameters(), lr=lr)
-    labels = torch.full((batch,), target, dtype=torch.long)
+    device = next(generator.parameters()).device  # noise is drawn on the CPU: seeded the same
+    labels = torch.full((batch,), target, dtype=torch.long, device=device)
     loss_fn = nn.CrossEntropyLoss()
     total = 0.0
     for _ in range(steps):
         opt.zero_grad()
-        loss = loss_fn(discriminator(generator(sample_noise(batch, generator=rng))), labels)
+        noise = sample_noise(batch, generator=rng).to(device)
+        loss = loss_fn(discriminator(generator(noise)), labels)
         loss.backward()
         opt.step()
         total += loss.item()
@@ -58,65 +61,61 @@ def fake_batches(generator: nn.Module, count: int, fake_class: int, rng: torch.G
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            images = generator(sample_noise(count, generator=rng))
+            device = next(generator.parameters()).device
+            images = generator(sample_noise(count, generator=rng).to(device))
         return images, torch.full((count,), fake_class, dtype=torch.long)
 
     return make
 
 
-def save_samples(
-    generator: nn.Module, out_dir: Path, server_round: int, num: int, seed: int, meta: dict
-) -> Path:
-    """Images from a fixed noise batch, so rounds are comparable; written atomically."""
-    fixed = sample_noise(num, generator=torch.Generator().manual_seed(seed))
+def fixed_samples(generator: nn.Module, num: int, seed: int) -> torch.Tensor:
+    """Images from a fixed noise batch, so rounds are comparable, in [-1, 1] on the CPU."""
+    device = next(generator.parameters()).device
+    fixed = sample_noise(num, generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
-        images = generator(fixed).clamp(-1, 1)
-    path = out_dir / "samples" / f"round-{server_round:04d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"round": server_round, "images": images, **meta}, tmp)
-    os.replace(tmp, path)
-    return path
+        return generator(fixed).clamp(-1, 1).cpu()
 
 
-def attacker_train(msg: Message, context: Context, me: Participant) -> Message:
-    config = msg.content.config_records["config"]
-    server_round = int(config["server-round"])
-    seed = int(context.run_config["run.seed"])
-    rng = torch.Generator().manual_seed(seed * 1000 + 17 * server_round + me.index)
-    model = model_from(msg, context)
-    generator = build_generator(str(context.run_config["model.name"]))
-    state_dir = me.settings.get("state-dir")
-    store = GeneratorStore(context, state_dir)
+def train(
+    msg: Message, context: Context, identity: NodeIdentity, settings: FederationSettings
+) -> Message:
+    """The attacker's turn: Algorithm 1 on the received model, then the agreed local training
+    (with the fakes mixed in for the active variant), then a reply like everyone else's."""
+    spec, attack = identity.spec, identity.attack
+    todo = instructions(msg)
+    seed = settings.run.seed
+    device = device_for(settings)
+    rng = torch.Generator().manual_seed(seed * 1000 + 17 * todo.server_round + spec.index)
+    model = received_model(msg, settings).to(device)
+    generator = build_generator(settings.model.name).to(device)
+    store = GeneratorStore(context, spec.state_dir or None)
     turns = store.load(generator)
 
-    target, fake = int(me.settings["target-class"]), int(me.settings["fake-class"])
-    discriminator = copy.deepcopy(model)
+    if spec.target_class is None:
+        raise ValueError(f"{spec.label} has no target-class: a GAN attacker needs one")
+    target = spec.target_class
+    fake = spec.fake_class if spec.fake_class is not None else settings.model.num_classes - 1
     train_generator(
         generator,
-        discriminator,
+        copy.deepcopy(model),
         target,
-        steps=int(me.attack("gen-steps")),
-        batch=int(me.attack("gen-batch")),
-        lr=float(me.attack("gen-lr")),
+        steps=attack.gen_steps,
+        batch=attack.gen_batch,
+        lr=attack.gen_lr,
         rng=rng,
     )
-
-    active = me.settings.get("mode", "active") == "active"
-    extra = (
-        fake_batches(generator, int(me.attack("fakes-per-batch")), fake, rng) if active else None
-    )
-    data = local_data(me, context.run_config)
-    steps = int(config["local-batches"])
+    active = spec.mode == "active"
+    extra = fake_batches(generator, attack.fakes_per_batch, fake, rng) if active else None
+    data = local_data(spec, settings)
     loss = local_sgd(
         model,
         data,
-        steps=steps,
-        batch_size=int(config["batch-size"]),
-        lr=float(config["lr"]),
-        lr_decay=float(config["lr-decay"]),
-        momentum=float(config["momentum"]),
-        step_offset=turns * steps,
+        steps=todo.local_batches,
+        batch_size=todo.batch_size,
+        lr=todo.lr,
+        lr_decay=todo.lr_decay,
+        momentum=todo.momentum,
+        step_offset=turns * todo.local_batches,
         generator=rng,
         extra=extra,
     )
@@ -125,15 +124,16 @@ def attacker_train(msg: Message, context: Context, me: Participant) -> Message:
 
     turns += 1
     store.save(generator, turns)
-    every = max(1, int(me.attack("sample-every")))
-    if turns == 1 or turns % every == 0:
-        out_dir = Path(me.settings.get("out-dir") or state_dir or "attacker-out")
-        save_samples(
-            generator,
-            out_dir,
-            server_round,
-            int(me.attack("num-samples")),
-            seed,
-            {"target": target, "fake": fake, "mode": me.settings.get("mode", "active")},
+    if turns == 1 or turns % attack.sample_every == 0:
+        samples = SampleSet(
+            attacker=spec.index,
+            round=todo.server_round,
+            mode=spec.mode,
+            target=target,
+            fake=fake,
+            images=fixed_samples(generator, attack.num_samples, seed).numpy(),
+            turns=turns,
+            device=str(device),
         )
-    return reply(msg, model, loss, len(data))
+        participant_reporter(spec, settings).send(samples)
+    return train_reply(msg, model, loss, len(data))

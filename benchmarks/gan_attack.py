@@ -16,9 +16,11 @@ import io
 import time
 from pathlib import Path
 
-from fedleak.config import load_preset
-from fedleak.launcher import launch
+from fedleak.federation.console import Console
+from fedleak.federation.launcher import launch
+from fedleak.report.plots import flat_attack, flat_metrics
 from fedleak.runfolder import RunFolder
+from fedleak.settings import load_federation
 
 
 def first(records: list[dict], test) -> dict | None:
@@ -28,16 +30,13 @@ def first(records: list[dict], test) -> dict | None:
 def summarize(run_dir: Path, wall: float) -> dict:
     run = RunFolder(run_dir)
     times = {m["round"]: m["time"] for m in run.read_jsonl("metrics.jsonl")}
-    attack = [
-        r
-        for r in run.read_jsonl("attack.jsonl")
-        if r.get("variant") != "model-inversion" and "error" not in r
-    ]
-    mi = [r for r in run.read_jsonl("attack.jsonl") if r.get("variant") == "model-inversion"]
+    scores = [flat_attack(r) for r in run.read_jsonl("attack.jsonl")]
+    attack = [r for r in scores if r.get("variant") != "model-inversion" and not r.get("error")]
+    mi = [r for r in scores if r.get("variant") == "model-inversion"]
     rate80 = first(attack, lambda r: r["target_rate"] >= 0.8)
     success = first(attack, lambda r: r["success"])
     last = attack[-1] if attack else {}
-    metrics = run.read_jsonl("metrics.jsonl")
+    metrics = [flat_metrics(r) for r in run.read_jsonl("metrics.jsonl")]
     return {
         "rounds": max(times, default=0),
         "wall_s": wall,
@@ -69,11 +68,10 @@ def main() -> None:
     rows = []
     for target in args.targets:
         for preset in args.presets:
-            cfg = load_preset(
+            settings = load_federation(
                 preset,
                 [
                     f"participants.1.target-class={target}",
-                    f"eval.target-class={target}",
                     f"run.engine={args.engine}",
                     f"run.rounds={args.rounds}",
                     f"run.max-wall-time={args.minutes * 60}",
@@ -82,7 +80,7 @@ def main() -> None:
             )
             print(f"== {preset}, target {target}", flush=True)
             start = time.monotonic()
-            report = launch(cfg, out=io.StringIO())
+            report, _ = launch(settings, Console("quiet", out=io.StringIO()))
             rows.append((preset, target, summarize(report.parent, time.monotonic() - start)))
             s = rows[-1][2]
             print(f"   done in {s['wall_s']:.0f} s, {s['rounds']} rounds: {s['dir']}", flush=True)

@@ -11,12 +11,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedleak.clients.sparse_upload import dp_select_upload, select_upload
+from fedleak import protocol
+from fedleak.collaborative import dp_select_upload, select_upload
 
-LOCAL_KEY = "collaborative.local-model"
-MASK_KEY = "download-mask"
-PROTOCOL = "collaborative"
-RESYNC = "collaborative-resync"
+LOCAL_KEY = "collaborative.local-model"  # node state: the participant's own full model
 
 
 def _flat(record: ArrayRecord) -> tuple[list[str], list[np.ndarray]]:
@@ -30,13 +28,14 @@ def _record(keys: list[str], arrays: list[np.ndarray]) -> ArrayRecord:
 
 
 def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    config = msg.content.config_records.get("config")
-    if config is None or config.get("protocol") != PROTOCOL or msg.metadata.message_type != "train":
+    config = msg.content.config_records.get(protocol.CONFIG)
+    kind = config.get("protocol") if config is not None else None
+    if kind != "collaborative" or msg.metadata.message_type != "train":
         return call_next(msg, context)
 
-    keys, downloaded = _flat(msg.content.array_records["arrays"])
+    keys, downloaded = _flat(msg.content.array_records[protocol.ARRAYS])
     local = context.state.array_records.get(LOCAL_KEY)
-    mask_record = msg.content.array_records.get(MASK_KEY)
+    mask_record = msg.content.array_records.get(protocol.DOWNLOAD_MASK)
     if mask_record is not None and local is None:
         # Restarted node: a partial download cannot be merged into a model it no longer has.
         return _resync_reply(msg, keys, downloaded)
@@ -46,14 +45,14 @@ def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallab
         merged = [np.where(m, d, o) for m, d, o in zip(masks, downloaded, own, strict=True)]
     else:
         merged = downloaded
-    msg.content["arrays"] = _record(keys, merged)
-    if MASK_KEY in msg.content.array_records:
-        del msg.content[MASK_KEY]
+    msg.content[protocol.ARRAYS] = _record(keys, merged)
+    if protocol.DOWNLOAD_MASK in msg.content.array_records:
+        del msg.content[protocol.DOWNLOAD_MASK]
 
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    new_keys, trained = _flat(reply.content.array_records["arrays"])
+    new_keys, trained = _flat(reply.content.array_records[protocol.ARRAYS])
     if new_keys != keys:
         raise ValueError("collaborative_mod: the ClientApp changed the parameter names")
     context.state[LOCAL_KEY] = _record(keys, trained)
@@ -68,13 +67,13 @@ def collaborative_mod(msg: Message, context: Context, call_next: ClientAppCallab
     else:
         shared = select_upload(flat, theta_u, tau, gamma)
     pieces = np.split(shared, np.cumsum([d.size for d in deltas])[:-1])
-    reply.content["arrays"] = _record(
+    reply.content[protocol.ARRAYS] = _record(
         keys, [p.reshape(d.shape) for p, d in zip(pieces, deltas, strict=True)]
     )
-    metrics = reply.content.metric_records.get("metrics")
+    metrics = reply.content.metric_records.get(protocol.METRICS)
     if metrics is not None:
-        metrics["uploaded-fraction"] = float(np.count_nonzero(shared)) / shared.size
-        metrics[RESYNC] = 0.0
+        metrics[protocol.UPLOADED_FRACTION] = float(np.count_nonzero(shared)) / shared.size
+        metrics[protocol.RESYNC] = 0.0
     return reply
 
 
@@ -82,6 +81,12 @@ def _resync_reply(msg: Message, keys: list[str], downloaded: list[np.ndarray]) -
     """Upload nothing this turn and ask for a full download next turn."""
     zeros = _record(keys, [np.zeros_like(d) for d in downloaded])
     metrics = MetricRecord(
-        {"train-loss": 0.0, "num-examples": 1, "uploaded-fraction": 0.0, RESYNC: 1.0}
+        {
+            protocol.TRAIN_LOSS: 0.0,
+            protocol.NUM_EXAMPLES: 1,
+            protocol.UPLOADED_FRACTION: 0.0,
+            protocol.RESYNC: 1.0,
+        }
     )
-    return Message(content=RecordDict({"arrays": zeros, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({protocol.ARRAYS: zeros, protocol.METRICS: metrics})
+    return Message(content=content, reply_to=msg)

@@ -1,143 +1,425 @@
-"""The `fedleak` command line."""
+"""The ``fedleak`` command line: one argparse tree for every command.
+
+Names and settings are validated before torch is imported (``fedleak.settings`` needs none of
+it), so a typo costs a fraction of a second. Exit codes: 0 finished (or stopped at its time
+budget), 1 failed, 2 bad input, 3 degraded (completed, but not everything its results rest on
+held), 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import tomli_w
-
-from fedleak.config import load_preset, preset_names
 from fedleak.errors import FedleakError
+from fedleak.settings import (
+    dump_toml,
+    load_ensembler,
+    load_federation,
+    preset_description,
+    preset_names,
+)
 
 DEFAULT_PRESET = "demo"
+EXIT = {"finished": 0, "stopped": 0, "failed": 1, "degraded": 3}
+
+
+def _listing(kind: str) -> str:
+    return ", ".join(preset_names(kind))  # names only: no preset is parsed for --help
+
+
+def _sets(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a setting, e.g. --set {example} (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedleak", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a preset as a real federation and write a report")
-    run.add_argument(
-        "preset",
-        nargs="?",
-        default=DEFAULT_PRESET,
-        help=f"preset name or path to a TOML file (default: {DEFAULT_PRESET})",
+    parser = argparse.ArgumentParser(
+        prog="fedleak",
+        description="A networked federated-learning privacy testbed: attacks inside a real "
+        "Flower federation, measured against ground truth.",
+        epilog=f"federation presets: {_listing('federation')}\n"
+        f"studies: {_listing('study')}\nensembler presets: {_listing('ensembler')}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a preset as a real federation and write a report",
+        epilog=f"presets: {_listing('federation')}",
     )
     run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set run.rounds=10 --set run.engine=deployment",
+        "preset", nargs="?", default=DEFAULT_PRESET, help=f"preset or TOML file ({DEFAULT_PRESET})"
     )
-    show = sub.add_parser("config", help="print a preset's resolved configuration")
+    _sets(run, "run.rounds=10")
+    out = run.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", help="print warnings and the verdict only")
+    out.add_argument("--json", action="store_true", help="one JSON event a line, for scripts")
+    remote = run.add_argument_group(
+        "remote SuperLink", "run against a SuperLink and SuperNodes started elsewhere"
+    )
+    remote.add_argument("--superlink", metavar="HOST:PORT", help="the SuperLink's address")
+    remote.add_argument(
+        "--collector-listen",
+        default="0.0.0.0:7070",
+        metavar="HOST:PORT",
+        help="where to serve the results collector (default 0.0.0.0:7070)",
+    )
+    remote.add_argument(
+        "--collector-address",
+        default="",
+        metavar="HOST:PORT",
+        help="how the server and the attackers reach the collector (default: this host)",
+    )
+    remote.add_argument(
+        "--root-certificates", default="", metavar="PEM", help="CA of the SuperLink's TLS"
+    )
+
+    show = sub.add_parser("config", help="print a preset's resolved settings as TOML")
     show.add_argument("preset", nargs="?", default=DEFAULT_PRESET)
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("presets", help="list the presets")
-    report = sub.add_parser(
-        "report", help="score a run folder's attack samples and rebuild its report"
-    )
+    _sets(show, "run.rounds=10")
+    sub.add_parser("presets", help="list the presets and studies")
+    report = sub.add_parser("report", help="score what a run folder holds and rebuild its report")
     report.add_argument("run_dir", type=Path)
+    report.add_argument(
+        "--rescore", action="store_true", help="score every record again, not only new ones"
+    )
+
     study = sub.add_parser(
-        "study", help="run a single-process study (attack or defense sweep) and write a report"
+        "study",
+        help="run a single-process study (an attack or defense sweep) and write a report",
+        epilog=f"studies: {_listing('study')}",
     )
     study.add_argument("name", nargs="?", help="study name (see --list)")
     study.add_argument("--list", action="store_true", help="list the studies")
-    study.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a preset key, e.g. --set attack.steps=100",
-    )
+    _sets(study, "attack.steps=100")
     study.add_argument("--out-dir", type=Path, default=Path("runs"), help="default: runs")
-    sub.add_parser(
-        "ensembler",
-        add_help=False,
-        help="Ensembler collaborative inference over gRPC: train, serve, classify, attack, run "
-        "(see `fedleak ensembler --help`)",
-    )
+
+    _ensembler_parser(sub)
     return parser
 
 
+def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
+    ens = sub.add_parser(
+        "ensembler",
+        help="Ensembler collaborative inference over gRPC: train, serve, classify, attack, run",
+        epilog=f"presets: {_listing('ensembler')}",
+    )
+    cmds = ens.add_subparsers(dest="ensembler_command", required=True, metavar="COMMAND")
+    cmds.add_parser("presets", help="list the Ensembler presets")
+
+    def preset_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("preset", help="preset name (see `presets`) or a TOML file")
+        _sets(p, "train.epochs=2")
+
+    preset_args(cmds.add_parser("run", help="train, serve, classify, attack and report a preset"))
+    rep = cmds.add_parser("report", help="rebuild a run folder's report.html")
+    rep.add_argument("run_dir", type=Path)
+    train = cmds.add_parser("train", help="train (or reuse cached) bundles of some defenses")
+    preset_args(train)
+    train.add_argument(
+        "--defense", action="append", default=[], help="defense to train (default: the preset's)"
+    )
+    train.add_argument("--out", type=Path, help="also copy the bundles to OUT/<defense>/")
+    serve = cmds.add_parser("serve", help="serve a server bundle over gRPC (the service)")
+    serve.add_argument("--bundle", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=0)
+    serve.add_argument("--record", metavar="DIR", help="keep every received feature batch")
+    serve.add_argument("--threads", type=int, default=1)
+    classify = cmds.add_parser("classify", help="classify the preset's victim images remotely")
+    preset_args(classify)
+    classify.add_argument("--bundle", required=True, type=Path, help="client bundle")
+    classify.add_argument("--server", required=True, help="HOST:PORT")
+    attack = cmds.add_parser("attack", help="invert features a server recorded")
+    preset_args(attack)
+    attack.add_argument("--bundle", required=True, type=Path, help="server bundle")
+    attack.add_argument("--recordings", required=True, type=Path, help="the server's --record DIR")
+    attack.add_argument("--out", required=True, type=Path, help="where reconstructions go")
+    attack.add_argument(
+        "--score", action="store_true", help="score against the preset's victim images"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["ensembler"]:  # its own command tree, in the ensembler package
-        from fedleak.ensembler.cli import main as ensembler_main
-
-        return ensembler_main(argv[1:])
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    command = args.command if args.command != "ensembler" else f"ensembler {args.ensembler_command}"
     try:
-        if args.command == "presets":
-            for name in preset_names():
-                print(f"{name:<20} {load_preset(name).get('description', '')}")
-            return 0
-        if args.command == "config":
-            cfg = load_preset(args.preset, args.overrides)
-            print(tomli_w.dumps(cfg))
-            return 0
-        if args.command == "report":
-            return _report(args.run_dir)
-        if args.command == "study":
-            return _study(args)
-        from fedleak.launcher import launch
-
-        cfg = load_preset(args.preset, args.overrides)
-        report = launch(cfg)
-        return 0 if _status(report.parent) in ("finished", "stopped") else 1
+        return COMMANDS[command](args)
     except FedleakError as err:
         print(f"fedleak: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedleak: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a run records its traceback in meta.json; one line here
+        if os.environ.get("FEDLEAK_DEBUG"):
+            raise
+        print(
+            f"fedleak: error: {type(err).__name__}: {err} (the run folder's meta.json has the "
+            "traceback; FEDLEAK_DEBUG=1 shows it here)",
+            file=sys.stderr,
+        )
+        return 1
 
 
-def _status(run_dir: Path) -> str:
-    from fedleak.runfolder import RunFolder
+# --- federation ---------------------------------------------------------------------------------
 
-    return str(RunFolder(run_dir).read_json("meta.json", {}).get("status", ""))
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_federation(args.preset, args.overrides)  # before any heavy import
+    from fedleak.federation.console import Console
+    from fedleak.federation.launcher import Remote, launch
+    from fedleak.reporting import TOKEN_ENV
+
+    mode = "json" if args.json else "quiet" if args.quiet else "text"
+    console = Console(mode, rounds=settings.run.rounds)
+    remote = None
+    if args.superlink:
+        token = os.environ.get(TOKEN_ENV, "")
+        if not token:
+            raise FedleakError(
+                f"--superlink needs {TOKEN_ENV}: the report token given to the server and the "
+                "attackers (they send their results to this process)"
+            )
+        remote = Remote(
+            args.superlink,
+            args.collector_listen,
+            args.collector_address,
+            args.root_certificates,
+            token,
+        )
+    _, status = launch(settings, console, remote)
+    return EXIT[status]
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(dump_toml(load_federation(args.preset, args.overrides)), end="")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for kind, title in (
+        ("federation", "presets"),
+        ("study", "studies"),
+        ("ensembler", "ensembler"),
+    ):
+        print(f"{title}:")
+        for name in preset_names(kind):
+            print(f"  {name:<26} {preset_description(kind, name)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedleak.report import write_report
+    from fedleak.runfolder import META, RunFolder, reconcile
+
+    folder = args.run_dir
+    if not (folder / "config.json").is_file():
+        raise FedleakError(f"{folder} is not a run folder (no config.json)")
+    run = RunFolder(folder)
+    if reconcile(run):
+        print(f"fedleak: {folder}: its launcher is gone; marked failed (launcher lost)")
+    if run.read_json(META, {}).get("kind", "federation") == "federation":
+        _rescore(run, args.rescore)
+    print(write_report(folder))
+    return 0
+
+
+def _rescore(run, everything: bool) -> None:
+    """Score the inbox records not scored yet (all of them with ``everything``)."""
+    from fedleak.federation.scoring import SCORED, Scoring
+    from fedleak.runfolder import ATTACK, INVERSION, METRICS
+    from fedleak.settings import FederationSettings
+
+    settings = FederationSettings.model_validate(run.read_json("config.json"))
+    if everything:
+        for name in (SCORED, METRICS, ATTACK, INVERSION):
+            run.file(name).unlink(missing_ok=True)
+    scoring = Scoring(run, settings)
+    scoring.poll()
+
+
+# --- studies ----------------------------------------------------------------------------------
 
 
 def _study(args: argparse.Namespace) -> int:
-    from fedleak.studies import StudyFailed, run_study, study_description, study_names
-
     if args.list:
-        for name in study_names():
-            print(f"{name:<20} {study_description(name)}")
+        for name in preset_names("study"):
+            print(f"{name:<20} {preset_description('study', name)}")
         return 0
     if not args.name:
         raise FedleakError("name a study (fedleak study --list shows them)")
-    try:
-        folder = run_study(args.name, args.overrides, args.out_dir)
-    except StudyFailed as err:
-        print(f"fedleak: error: {err}", file=sys.stderr)
-        print(err.run_dir / "report.html")
-        return 1
-    except KeyboardInterrupt:  # run_study has recorded it in meta.json
-        print("fedleak: study interrupted", file=sys.stderr)
-        return 130
+    from fedleak.studies import run_study
+
+    folder, status = run_study(args.name, args.overrides, args.out_dir)
     print(folder / "report.html")
+    return EXIT[status]
+
+
+# --- Ensembler --------------------------------------------------------------------------------
+
+
+def _ensembler_settings(args: argparse.Namespace):
+    settings = load_ensembler(args.preset, args.overrides)
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    return settings
+
+
+def _ens_presets(args: argparse.Namespace) -> int:
+    for name in preset_names("ensembler"):
+        print(f"{name:<26} {preset_description('ensembler', name)}")
     return 0
 
 
-def _report(run_dir: Path) -> int:
-    from fedleak.observer import AttackObserver
+def _ens_run(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _ensembler_settings(args)
+    from fedleak.ensembler.experiment import run_preset
+
+    folder, status = run_preset(settings)
+    results = json.loads((folder / "results.json").read_text("utf-8"))
+    for row in results["rows"]:
+        print(
+            f"{row['name']:<26} acc {row['accuracy']:.4f} ({row['accuracy_change']:+.2f}) "
+            f"SSIM {row['ssim']:.4f} ± {row.get('ssim_std', 0.0):.4f} "
+            f"PSNR {row['psnr']:.2f} ± {row.get('psnr_std', 0.0):.2f}"
+        )
+    print(folder / "report.html")
+    return EXIT[status]
+
+
+def _ens_report(args: argparse.Namespace) -> int:
+    if not (args.run_dir / "config.json").is_file():
+        raise FedleakError(f"{args.run_dir} is not a run folder (no config.json)")
     from fedleak.report import write_report
-    from fedleak.runfolder import RunFolder
 
-    if (run_dir / "results.json").is_file():  # a study folder, not a federated run
-        from fedleak.studies.report import write_study_report
-
-        print(write_study_report(run_dir))
-        return 0
-    if not (run_dir / "config.json").exists():
-        raise FedleakError(f"{run_dir} is not a run folder (no config.json)")
-    run = RunFolder(run_dir)
-    AttackObserver(run, run.read_json("config.json")).poll()
-    print(write_report(run_dir))
+    print(write_report(args.run_dir))
     return 0
 
+
+def _ens_train(args: argparse.Namespace) -> int:
+    settings = _ensembler_settings(args)
+    from fedleak.ensembler import baselines
+    from fedleak.ensembler.data import load_splits
+    from fedleak.ensembler.experiment import bundle_cache
+
+    defenses = args.defense or settings.baselines.defenses
+    if "shredder" in defenses and "none" not in defenses:
+        defenses = ["none", *defenses]
+    trained = baselines.build(
+        defenses, load_splits(settings).client, settings, bundle_cache(settings)
+    )
+    for d, t in trained.items():
+        server, client = t.server_path, t.client_path
+        if args.out:
+            (args.out / d).mkdir(parents=True, exist_ok=True)
+            server = Path(shutil.copy2(server, args.out / d / "server.pt"))
+            client = Path(shutil.copy2(client, args.out / d / "client.pt"))
+        print(f"{d}: server {server} client {client}")
+    return 0
+
+
+def _ens_serve(args: argparse.Namespace) -> int:
+    from fedleak.server.ensembler_service import main as service_main
+
+    argv = ["--bundle", args.bundle, "--host", args.host, "--port", str(args.port)]
+    argv += ["--threads", str(args.threads)]
+    if args.record:
+        argv += ["--record", args.record]
+    return service_main(argv)
+
+
+def _ens_classify(args: argparse.Namespace) -> int:
+    settings = _ensembler_settings(args)
+    from fedleak.ensembler.data import load_splits
+    from fedleak.ensembler.remote import classify_remote
+
+    victims = load_splits(settings).victims
+    logits = classify_remote(
+        args.bundle,
+        args.server,
+        victims.images,
+        batch_size=settings.serve.batch_size,
+        timeout=settings.serve.timeout,
+    )
+    correct = int((logits.argmax(1) == victims.labels).sum())
+    print(f"accuracy {correct / len(victims):.4f} ({correct}/{len(victims)})")
+    return 0
+
+
+def _ens_attack(args: argparse.Namespace) -> int:
+    import json
+
+    settings = _ensembler_settings(args)
+    import torch
+
+    from fedleak.attacker.ensembler_inversion import choose, fit_inverters, variants
+    from fedleak.ensembler.data import load_splits
+    from fedleak.ensembler.experiment import attack_settings, score
+    from fedleak.ensembler.remote import received_features
+    from fedleak.models.ensembler import load_server_bundle
+    from fedleak.report.grids import save_image_grid
+    from fedleak.server.ensembler_service import load_recordings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    splits = load_splits(settings)
+    received = received_features(
+        args.recordings, sum(len(f) for _, f in load_recordings(args.recordings))
+    )
+    nets = load_server_bundle(args.bundle).nets
+    args.out.mkdir(parents=True, exist_ok=True)
+    scores = {}
+    for variant in variants(len(nets), settings.attack.adaptive):
+        inverters = fit_inverters(
+            nets, variant, splits.aux.images, splits.aux.labels, attack_settings(settings), received
+        )
+        inverter, _ = choose(inverters, received)
+        recon = inverter(received)
+        torch.save(recon, args.out / f"{variant}.pt")
+        save_image_grid(recon[:50], args.out / f"{variant}.png", nrow=10, scale=2)
+        if args.score:
+            if len(recon) != len(splits.victims):
+                raise FedleakError(f"{len(recon)} recorded images, {len(splits.victims)} victims")
+            scores[variant] = score(recon, splits.victims.images)
+            print(
+                f"{variant}: SSIM {scores[variant]['ssim']:.4f} PSNR {scores[variant]['psnr']:.2f}"
+            )
+    if scores:
+        (args.out / "scores.json").write_text(json.dumps(scores, indent=2), "utf-8")
+    print(args.out)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run,
+    "config": _config,
+    "presets": _presets,
+    "report": _report,
+    "study": _study,
+    "ensembler presets": _ens_presets,
+    "ensembler run": _ens_run,
+    "ensembler report": _ens_report,
+    "ensembler train": _ens_train,
+    "ensembler serve": _ens_serve,
+    "ensembler classify": _ens_classify,
+    "ensembler attack": _ens_attack,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

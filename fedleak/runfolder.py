@@ -6,27 +6,38 @@ never sees a half-written JSON document and at worst loses the torn last line of
 
 Layout (all names relative to the run folder)::
 
-    config.json          resolved config (nested dict)
-    meta.json            seed, versions, status, started/finished, message, preset
+    config.json          resolved settings (as a preset would spell them)
+    meta.json            kind, preset, seed, versions, device, status, started/finished, message
+    inbox/               what the roles sent (federated runs), one .npz per record
     metrics.jsonl        one line per server round
     attack.jsonl         one line per scored sample set
-    samples/round-XXXX.png, grids/figure6-round-XXXX.png, plots/*.png, logs/*.log
+    inversion.jsonl      one line per scored reconstruction
+    samples/, grids/, plots/, logs/
     report.html
+
+Every command (``run``, ``study``, ``ensembler run``) goes through :func:`open_run`, the one
+lifecycle: config and meta first, a status from :class:`Status` at every exit, the report last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import enum
 import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
+import socket
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +49,22 @@ REPORT = "report.html"
 INVERSION = "inversion.jsonl"
 SERVER_ATTACK_DIR = "server-attack"  # the curious server's reconstructions
 SUBDIRS = ("samples", "grids", "plots", "logs")
-STATUSES = ("running", "finished", "failed", "interrupted")
+
+
+class Status(enum.StrEnum):
+    """How a run ended (or that it has not yet)."""
+
+    RUNNING = "running"
+    FINISHED = "finished"  # completed, results trustworthy
+    DEGRADED = "degraded"  # completed, but something the results depend on went wrong
+    STOPPED = "stopped"  # stopped on purpose: Ctrl-C or the wall-time budget
+    FAILED = "failed"  # did not complete, or its results cannot be trusted
+
+    @property
+    def ok(self) -> bool:
+        """Whether the exit code says success."""
+        return self in (Status.FINISHED, Status.STOPPED)
+
 
 _VERSION_PACKAGES = ("fedleak", "flwr", "torch", "torchvision", "numpy")
 # One lock per process for appends and meta merges; fcntl covers other processes.
@@ -262,3 +288,104 @@ class RunFolder:
             except importlib.metadata.PackageNotFoundError:
                 out[pkg] = None
         return out
+
+
+# --- the run lifecycle ------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat): tells a live launcher
+    from a later process that reused its pid. None where /proc is not there or pid is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def launcher_identity() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}
+
+
+def launcher_lost(meta: dict[str, Any]) -> bool:
+    """A run still 'running' whose launcher, on this host, no longer exists."""
+    who = meta.get("launcher")
+    if meta.get("status") != Status.RUNNING or not isinstance(who, dict):
+        return False
+    if who.get("host") != socket.gethostname() or not isinstance(who.get("pid"), int):
+        return False  # another machine's launcher: nothing to check from here
+    return process_start(who["pid"]) != who.get("start")
+
+
+def reconcile(run: RunFolder) -> bool:
+    """Mark a run whose launcher vanished (SIGKILL, a crash of the machine) as failed.
+    Returns whether it did."""
+    meta = run.read_json(META, {})
+    if not isinstance(meta, dict) or not launcher_lost(meta):
+        return False
+    run.write_meta(
+        status=Status.FAILED,
+        message="launcher lost: the process that ran this run ended without recording how",
+        finished=meta.get("finished") or now_iso(),
+    )
+    return True
+
+
+@dataclass
+class Outcome:
+    """How the body of :func:`open_run` ended; it may set these before returning."""
+
+    status: Status = Status.FINISHED
+    message: str = ""
+
+
+@contextlib.contextmanager
+def open_run(
+    base: str | os.PathLike,
+    name: str,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    meta: dict[str, Any],
+    report: Callable[[Path], Any],
+) -> Iterator[tuple[RunFolder, Outcome]]:
+    """Create a run folder and keep it truthful whatever happens inside the ``with`` block.
+
+    Writes ``config.json`` and ``meta.json`` (kind, seed, versions, launcher, status running)
+    first; on exit records the status (the body's :class:`Outcome`; ``stopped`` on Ctrl-C;
+    ``failed`` with the error on an exception), the end time and the wall time, then writes the
+    report with ``report(path)``. Exceptions propagate after they are recorded.
+    """
+    run = RunFolder.create(base, name)
+    run.write_json(CONFIG, config)
+    run.write_meta(
+        kind=kind,
+        status=Status.RUNNING,
+        started=now_iso(),
+        versions=RunFolder.versions(),
+        command=sys.argv,
+        launcher=launcher_identity(),
+        **meta,
+    )
+    outcome = Outcome()
+    started = time.monotonic()
+    try:
+        yield run, outcome
+    except KeyboardInterrupt:
+        outcome.status, outcome.message = Status.STOPPED, "stopped by Ctrl-C"
+        raise
+    except BaseException as err:
+        outcome.status, outcome.message = Status.FAILED, f"{type(err).__name__}: {err}"
+        run.write_meta(traceback=traceback.format_exc())
+        raise
+    finally:
+        run.write_meta(
+            status=outcome.status,
+            message=outcome.message,
+            finished=now_iso(),
+            wall_seconds=round(time.monotonic() - started, 1),
+        )
+        try:
+            report(run.path)
+        except Exception as err:  # the run's own outcome matters more than its report
+            run.write_meta(report_error=f"{type(err).__name__}: {err}")

@@ -1,107 +1,108 @@
-"""The ServerApp: builds the strategy the run config names and runs it on Flower's loop."""
+"""The ServerApp: builds the strategy the run's settings name, runs it on Flower's loop, and
+reports every round's global model and its own status to the experimenter.
+
+The server holds no test data: evaluating the global model is the experimenter's measurement
+(``fedleak.federation``), so the ServerApp only reports what it aggregated.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from fedleak.config import from_run_config
-from fedleak.data import image_shape
 from fedleak.models import build_classifier
-from fedleak.runfolder import SERVER_ATTACK_DIR, RunFolder
-from fedleak.server.curious import CuriousServer
-from fedleak.server.evaluation import CentralEvaluation
+from fedleak.records import RoundReport, StatusReport
+from fedleak.reporting import Reporter, server_reporter
+from fedleak.roles import SERVER_WRAPPERS, resolve
 from fedleak.server.fleet import Fleet
 from fedleak.server.strategies import CollaborativeStrategy, FleetStrategy, RobustFedAvg
+from fedleak.settings import FederationSettings
+from fedleak.settings.flower import from_run_config
 
 app = ServerApp()
 
 
-def build_strategy(cfg: dict[str, Any]) -> FleetStrategy:
-    run = cfg["run"]
-    fleet = Fleet(cfg["num-participants"], run["startup-timeout"], run["round-timeout"])
-    if run["protocol"] in ("fedavg", "fedsgd"):
-        return RobustFedAvg(fleet, protocol=run["protocol"])
-    proto = cfg["protocol"]
-    shared = {k: float(proto[k]) for k in ("theta-u", "tau", "gamma", "dp-epsilon")}
-    return CollaborativeStrategy(
-        fleet, theta_d=proto["theta-d"], protocol_config=shared, seed=run["seed"]
-    )
+def build_strategy(settings: FederationSettings) -> FleetStrategy:
+    run = settings.run
+    fleet = Fleet(settings.num_participants, run.startup_timeout, run.round_timeout)
+    if run.protocol == "collaborative":
+        return CollaborativeStrategy(fleet, settings)
+    return RobustFedAvg(fleet, settings)
 
 
 def wrap_strategy(
-    strategy: FleetStrategy, cfg: dict[str, Any], model: torch.nn.Module, run: RunFolder
+    strategy: FleetStrategy,
+    settings: FederationSettings,
+    model: torch.nn.Module,
+    reporter: Reporter,
 ) -> Strategy:
     """Behaviour added by composition: Flower's central DP, then the curious server outermost
     (it sees the raw individual updates, whatever the server does with them afterwards)."""
     wrapped: Strategy = strategy
-    defense = cfg["defense"]
-    if defense["server-dp-noise"] > 0:
+    defense = settings.defense
+    if defense.server_dp_noise > 0:
         wrapped = DifferentialPrivacyServerSideFixedClipping(
             wrapped,
-            noise_multiplier=defense["server-dp-noise"],
-            clipping_norm=defense["server-dp-clip"],
-            num_sampled_clients=cfg["num-participants"],
+            noise_multiplier=defense.server_dp_noise,
+            clipping_norm=defense.server_dp_clip,
+            num_sampled_clients=settings.num_participants,
         )
-    server = cfg["server"]
-    if server["curious"]:
-        wrapped = CuriousServer(
-            wrapped,
-            model,
-            run.path / SERVER_ATTACK_DIR,
-            attack=server["inversion"],
-            num_classes=cfg["model"]["num-classes"],
-            image_shape=image_shape(cfg["data"]["dataset"]),
-            iterations=server["inversion-iterations"],
-            restarts=server["inversion-restarts"],
-            rounds=server["inversion-rounds"],
-            seed=int(cfg["run"]["seed"]),
-        )
+    if settings.server.curious:
+        wrapper = resolve(SERVER_WRAPPERS["curious"])
+        wrapped = wrapper(wrapped, model, settings, reporter)
     return wrapped
 
 
-def train_config(cfg: dict[str, Any]) -> ConfigRecord:
-    """What every participant is told each round (the agreed training procedure)."""
-    train = cfg["train"]
-    return ConfigRecord(
-        {
-            "lr": float(train["lr"]),
-            "lr-decay": float(train["lr-decay"]),
-            "momentum": float(train["momentum"]),
-            "batch-size": int(train["batch-size"]),
-            "local-batches": int(train["local-batches"]),
-            "examples-per-round": int(train["examples-per-round"]),
-        }
-    )
+class RoundReporter:
+    """Flower's ``evaluate_fn``: called with the initial model (round 0) and after every round;
+    sends the global model and the strategy's bookkeeping to the experimenter."""
+
+    def __init__(self, strategy: FleetStrategy, reporter: Reporter) -> None:
+        self.strategy = strategy
+        self.reporter = reporter
+        self.started = time.monotonic()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = {k: np.asarray(v.numpy()) for k, v in arrays.items()}
+        book = self.strategy.last_round if server_round > 0 else {}
+        report = RoundReport(
+            round=server_round,
+            arrays=state,
+            sent=int(book.get("sent", 0)),
+            replied=list(book.get("replied", [])),
+            aggregated=list(book.get("aggregated", [])),
+            rejected=list(book.get("rejected", [])),
+            clipped=list(book.get("clipped", [])),
+            train=dict(book.get("train", {})),
+            model_finite=bool(book.get("model_finite", True)),
+            elapsed=round(time.monotonic() - self.started, 2),
+        )
+        self.reporter.send(report)
+        return MetricRecord({"aggregated": len(report.aggregated)})
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = from_run_config(context.run_config)
-    run = (
-        RunFolder(cfg["run"]["dir"])
-        if cfg["run"]["dir"]
-        else RunFolder.create(cfg["run"]["out-dir"], f"flwr-{context.run_id}")
-    )
-    run.write_meta(server="running")
-    torch.manual_seed(cfg["run"]["seed"])
-    model = build_classifier(cfg["model"]["name"], cfg["model"]["num-classes"])
-    strategy = build_strategy(cfg)
-    evaluation = CentralEvaluation(cfg, run, strategy)
+    settings = from_run_config(context.run_config)
+    reporter = server_reporter(settings, context.run_id)
+    reporter.send(StatusReport(state="running"))
     try:
-        wrap_strategy(strategy, cfg, model, run).start(
+        torch.manual_seed(settings.run.seed)
+        model = build_classifier(settings.model.name, settings.model.num_classes)
+        strategy = build_strategy(settings)
+        wrap_strategy(strategy, settings, model, reporter).start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg["run"]["rounds"],
-            timeout=cfg["run"]["round-timeout"],
-            train_config=train_config(cfg),
-            evaluate_fn=evaluation,
+            num_rounds=settings.run.rounds,
+            timeout=settings.run.round_timeout,
+            evaluate_fn=RoundReporter(strategy, reporter),
         )
-    except Exception as err:
-        run.write_meta(server="failed", server_error=f"{type(err).__name__}: {err}")
+    except BaseException as err:
+        reporter.send(StatusReport(state="failed", message=f"{type(err).__name__}: {err}"))
         raise
-    run.write_meta(server="finished")
+    reporter.send(StatusReport(state="finished"))

@@ -5,13 +5,17 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedleak import inbox
 from fedleak.attacker.gan import train_generator
 from fedleak.attacker.generator_store import GeneratorStore
 from fedleak.attacker.model_inversion import invert
 from fedleak.clients.app import train
-from fedleak.config import load_preset, to_run_config
 from fedleak.models import build_classifier, build_generator
 from fedleak.models.hitaj import sample_noise
+from fedleak.protocol import Instructions
+from fedleak.records import NodeReport, SampleSet
+from fedleak.settings import load_federation
+from fedleak.settings.flower import to_run_config
 
 
 @pytest.fixture(autouse=True)
@@ -23,24 +27,22 @@ def _task_identity(monkeypatch):
 
 
 def _setup(tmp_path, index):
-    cfg = load_preset("smoke", ["train.local-batches=2", "attack.gen-steps=2"])
-    cfg["participants"][1]["state-dir"] = str(tmp_path / "state")
-    cfg["participants"][1]["out-dir"] = str(tmp_path / "out")
-    run_config = to_run_config(cfg, include_participants=True)
+    settings = load_federation(
+        "smoke",
+        [
+            "train.local-batches=2",
+            "attack.gen-steps=2",
+            f'participants.1.state-dir="{tmp_path / "state"}"',
+            f'participants.1.out-dir="{tmp_path / "out"}"',
+            f'participants.0.out-dir="{tmp_path / "honest"}"',
+        ],
+    )
+    run_config = to_run_config(settings, include_participants=True)
     context = Context(1, 7, {"partition-id": index}, RecordDict(), run_config)
     torch.manual_seed(0)
     model = build_classifier("hitaj-mnist", 11)
-    config = ConfigRecord(
-        {
-            "server-round": 1,
-            "lr": 1e-3,
-            "lr-decay": 0.0,
-            "momentum": 0.0,
-            "batch-size": 8,
-            "local-batches": 2,
-            "protocol": "fedavg",
-        }
-    )
+    todo = Instructions(server_round=1, protocol="fedavg", lr=1e-3, batch_size=8, local_batches=2)
+    config = ConfigRecord(todo.to_record())
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config})
     return context, Message(content=content, dst_node_id=7, message_type="train")
 
@@ -58,7 +60,12 @@ def test_attacker_reply_looks_like_an_honest_reply(tmp_path):
     assert list(honest.content.array_records["arrays"].keys()) == list(
         attacker.content.array_records["arrays"].keys()
     )
-    assert (tmp_path / "out" / "samples" / "round-0001.pt").exists()
+    # Without a collector, what the attacker reports stays in its own folder's inbox.
+    kept = [inbox.read(p).record() for p in inbox.entries(tmp_path / "out" / "inbox")]
+    samples = [r for r in kept if isinstance(r, SampleSet)]
+    assert len(samples) == 1 and samples[0].round == 1 and samples[0].target == 0
+    assert samples[0].images.shape == (20, 1, 32, 32)
+    assert {r.participant for r in kept if isinstance(r, NodeReport)} == {1}
     assert (tmp_path / "state" / "generator.pt").exists()
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedleak.clients.defenses import (
+from fedleak.defenses import (
     DefenseSpec,
     apply_defenses,
     clip,

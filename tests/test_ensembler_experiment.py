@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedleak.ensembler import cli
-from fedleak.ensembler.report import PAPER_TABLE1
+from fedleak import cli
+from fedleak.report.ensembler import PAPER_TABLE1
 
 pytestmark = pytest.mark.integration
 
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.integration
 def test_smoke_preset_through_real_server_processes(data_root, tmp_path, capsys):
     code = cli.main(
         [
+            "ensembler",
             "run",
             "ensembler-cifar10-smoke",
             "--set",

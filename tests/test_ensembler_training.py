@@ -20,11 +20,12 @@ from fedleak.attacker.ensembler_inversion import (
     variants,
 )
 from fedleak.ensembler import baselines, experiment, training
-from fedleak.ensembler.config import load_preset, preset_names
 from fedleak.ensembler.data import Split, load_splits
 from fedleak.errors import ConfigError
 from fedleak.metrics.images import ssim
 from fedleak.models.ensembler import load_client_bundle, load_server_bundle
+from fedleak.settings import load_ensembler as load_preset
+from fedleak.settings import preset_names
 
 TINY = [
     "data.client-train=24",
@@ -88,7 +89,7 @@ def test_stage2_leaves_server_nets_frozen(tiny, stage1_nets):
     assert any(
         not torch.equal(new_head[k], v) for k, v in head_before.items() if v.is_floating_point()
     )
-    assert len(client.selected) == cfg["ensembler"]["selected"]
+    assert len(client.selected) == cfg.ensembler.selected
     assert stats["last_cosine_penalty"] is not None
 
 
@@ -98,7 +99,7 @@ def test_bundles_keep_the_secret_on_the_client(tiny, stage1_nets, tmp_path):
     baselines.write_pair(server, client, tmp_path, "v1")
     raw = torch.load(tmp_path / "server.pt", weights_only=True)
     assert set(raw) == {"format", "version", "input_shape", "info", "nets"}
-    assert len(raw["nets"]) == cfg["ensembler"]["num-nets"]
+    assert len(raw["nets"]) == cfg.ensembler.num_nets
     assert "selected" not in repr(raw["info"])
     # ResNet stages only (Sequential indices); the head's conv1/bn1 and the tail's fc are absent
     for state in raw["nets"]:
@@ -149,7 +150,7 @@ def test_none_and_shredder_share_server_nets(tiny):
     assert client.noise.abs().max() == 0 and len(server.nets) == 1
     s2, c2, stats = baselines.train_defense("shredder", splits.client, cfg, (server, client))
     assert s2 is server and stats == {"retrained": False}
-    assert c2.noise.std() == pytest.approx(cfg["baselines"]["shredder-sigma"], rel=0.1)
+    assert c2.noise.std() == pytest.approx(cfg.baselines.shredder_sigma, rel=0.1)
 
 
 def test_splits_are_disjoint_and_stratified(tiny):
@@ -166,12 +167,12 @@ def test_splits_are_disjoint_and_stratified(tiny):
 
 def test_presets_and_overrides():
     assert {"ensembler-cifar10-smoke", "ensembler-cifar10", "ensembler-cifar10-paper"} <= set(
-        preset_names()
+        preset_names("ensembler")
     )
     paper = load_preset("ensembler-cifar10-paper")
-    assert (paper["ensembler"]["num-nets"], paper["ensembler"]["selected"]) == (10, 4)
+    assert (paper.ensembler.num_nets, paper.ensembler.selected) == (10, 4)
     cfg = load_preset("ensembler-cifar10-smoke", ["baselines.defenses=none,ensembler", "seed=3"])
-    assert cfg["baselines"]["defenses"] == ["none", "ensembler"] and cfg["seed"] == 3
+    assert cfg.baselines.defenses == ["none", "ensembler"] and cfg.seed == 3
     with pytest.raises(ConfigError):
         load_preset("ensembler-cifar10-smoke", ["train.nope=1"])
     with pytest.raises(ConfigError):
@@ -184,7 +185,9 @@ def test_stage1_is_cached_across_stage2_settings(tiny, tmp_path):
     cfg, splits = tiny
     nets, _ = baselines.stage1_cached(splits.client, cfg, tmp_path)
     (cached,) = tmp_path.glob("stage1-*.pt")
-    other = {**cfg, "ensembler": {**cfg["ensembler"], "lambda": 7.0, "stage2-epochs": 9}}
+    other = cfg.model_copy(
+        update={"ensembler": cfg.ensembler.model_copy(update={"lambda_": 7.0, "stage2_epochs": 9})}
+    )
     again, _ = baselines.stage1_cached(splits.client, other, tmp_path)
     assert list(tmp_path.glob("stage1-*.pt")) == [cached]
     for a, b in zip(nets, again, strict=True):
@@ -320,7 +323,7 @@ def test_restarts_are_differently_seeded_shadows(tiny, stage1_nets):
 
 
 def test_report_gives_spread_over_trials_and_flags_an_unreliable_attack_on_none(tmp_path):
-    from fedleak.ensembler.report import write_report
+    from fedleak.report import write_report
     from fedleak.runfolder import RunFolder
 
     trials = [_trial(s, 12.0, 1.0) for s in (0.31, 0.11, 0.38)]
@@ -328,7 +331,7 @@ def test_report_gives_spread_over_trials_and_flags_an_unreliable_attack_on_none(
     none.update(experiment._public(experiment.summarize(trials)))
     ens = {**none, "defense": "ensembler", "name": "Adaptive", "ssim": 0.05, "trials": []}
     run = RunFolder(tmp_path)
-    run.write_json("meta.json", {"status": "finished", "preset": "x"})
+    run.write_json("meta.json", {"status": "finished", "preset": "x", "kind": "ensembler"})
     run.write_json("config.json", {"attack": {"trials": 3, "restarts": 3}})
     rows = [none, ens]
     run.write_json("results.json", {"rows": rows, "acceptance": experiment.acceptance(rows)})

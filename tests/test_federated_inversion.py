@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedleak.attacker.federated_inversion import (
@@ -15,10 +15,8 @@ from fedleak.attacker.federated_inversion import (
     observation_from_update,
 )
 from fedleak.attacker.inversion import fedavg_update, fedsgd_update, idlg_label
-from fedleak.clients.training import round_examples, sgd_on_examples
-from fedleak.config import load_preset
-from fedleak.errors import ConfigError
 from fedleak.models import build_classifier
+from fedleak.training import round_examples, sgd_on_examples
 
 torch.set_num_threads(1)
 
@@ -110,72 +108,6 @@ def test_with_several_victims_the_attacker_gets_their_aggregate():
         assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)
 
 
-def test_curious_server_sees_individual_updates_and_changes_nothing(tmp_path, monkeypatch):
-    from fedleak.server.curious import CuriousServer
-
-    seen = []
-    monkeypatch.setattr(
-        "fedleak.server.curious.invert",
-        lambda model, obs, *a, **k: seen.append(obs) or {"images": torch.zeros(1)},
-    )
-
-    class Inner:
-        last_round = {"participants": 1}
-
-        def configure_train(self, server_round, arrays, config, grid):
-            return [Message(RecordDict({"config": config}), dst_node_id=1, message_type="train")]
-
-        def aggregate_train(self, server_round, replies):
-            return "aggregated", len(list(replies))
-
-    _tag_messages(monkeypatch)
-    model = _model()
-    sent = ArrayRecord(model.state_dict())
-    config = ConfigRecord(
-        {"protocol": "fedsgd", "lr": 0.1, "batch-size": 1, "local-batches": 1, "server-round": 1}
-    )
-    server = CuriousServer(
-        Inner(), model, tmp_path, attack="idlg", num_classes=10, image_shape=(3, 32, 32)
-    )
-    server.configure_train(1, sent, config, grid=None)
-    x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
-    reply = Message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord(_trained(model, x, y, 1, 1, 0.1).state_dict()),
-                "metrics": MetricRecord({"num-examples": 1}),
-            }
-        ),
-        dst_node_id=0,
-        message_type="train",
-    )
-    assert server.aggregate_train(1, [reply]) == ("aggregated", 1)
-    assert server.last_round == {"participants": 1}  # the wrapped strategy's bookkeeping
-    assert len(seen) == 1 and idlg_label(seen[0]) == 3
-    assert list(tmp_path.glob("round-0001-node-*.pt"))
-    assert server.aggregate_train(2, [reply]) == ("aggregated", 1)  # past inversion-rounds
-    assert len(seen) == 1
-
-
-def _tag_messages(monkeypatch):
-    from flwr.supercore import task_identity
-
-    monkeypatch.setattr(task_identity.TaskIdentity, "_task_id", "t", raising=False)
-    monkeypatch.setattr(task_identity.TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(task_identity.TaskIdentity, "_node_id", 0, raising=False)
-
-
-def test_inversion_config_is_checked():
-    with pytest.raises(ConfigError, match="fedsgd or fedavg"):
-        load_preset("fedsgd-cifar", ['run.protocol="collaborative"'])
-    with pytest.raises(ConfigError, match="examples-per-round"):
-        load_preset("fedsgd-cifar", ['run.protocol="fedavg"'])
-    with pytest.raises(ConfigError, match="plain SGD"):
-        load_preset("fedsgd-cifar", ["train.momentum=0.9"])
-    with pytest.raises(ConfigError, match="unknown inversion attack"):
-        load_preset("fedsgd-cifar", ['server.inversion="nope"'])
-
-
 def test_convergence_stop_is_relative_to_the_update():
     """A victim whose update is tiny (a confidently classified image, a saturated model) is still
     attacked: the early stop compares the distance with the update's own size."""
@@ -192,8 +124,3 @@ def test_convergence_stop_is_relative_to_the_update():
     assert convergence_threshold("cosine", tiny) == convergence_threshold("cosine", obs)
     record = invert(model, tiny, "idlg", iterations=3, restarts=1)
     assert len(record["loss_history"]) == 3
-
-
-def test_prior_attacks_are_refused_in_the_federation_with_a_reason():
-    with pytest.raises(ConfigError, match="needs a generative prior"):
-        load_preset("fedsgd-cifar", ['attack.inversion="gias"'])

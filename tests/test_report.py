@@ -14,7 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fedleak.report import plot_metrics, save_comparison_grid, save_image_grid, write_report
+from fedleak.records import GanScore, InversionScore, RoundMetrics
+from fedleak.report import write_report
+from fedleak.report.grids import save_comparison_grid, save_image_grid
+from fedleak.report.page import fmt
+from fedleak.report.plots import plot_metrics
 from fedleak.runfolder import RunFolder
 
 # --- grids ------------------------------------------------------------------------------------
@@ -86,78 +90,84 @@ def test_comparison_grid_layout(tmp_path):
 # --- synthetic run folders (test data for the report, not real results) ----------------------
 
 
+def _gan(r: int, *, rate: float, l2: float, success: bool, variant="active", attacker=1):
+    measures = {
+        "target_rate": rate,
+        "target_confidence": 0.8,
+        "nn_l2_median": l2,
+        "nn_ssim_target": min(0.9, 0.1 * r),
+        "nn_ssim_other": 0.05 * r,
+        "diversity": 0.4,
+    }
+    return GanScore(
+        attacker=attacker, round=r, variant=variant, target=0, success=success, measures=measures
+    ).to_dict()
+
+
 def _synthetic_run(tmp_path, *, success_round: int | None, rounds: int = 6) -> RunFolder:
     run = RunFolder(tmp_path / "20250101-000000-synthetic")
     run.write_json(
         "config.json",
         {
-            "run": {"seed": 7, "rounds": rounds},
-            "eval": {"target-class": 0, "realism-threshold": 15},
+            "preset": "synthetic-test",
+            "run": {"seed": 7, "rounds": rounds, "protocol": "collaborative"},
+            "eval": {"realism-threshold": 15},
         },
     )
     run.write_meta(
+        kind="federation",
         seed=7,
         preset="synthetic-test",
         status="finished",
         started="2025-01-01T00:00:00+00:00",
         finished="2025-01-01T00:03:05+00:00",
         versions=RunFolder.versions(),
+        participation=[
+            {
+                "who": "participant 0 (honest)",
+                "node": 11,
+                "replied": 3,
+                "aggregated": 3,
+                "rejected": 0,
+                "last_round": 5,
+                "device": "cpu",
+            },
+        ],
     )
     gen = torch.Generator().manual_seed(0)
-    for r in range(1, rounds + 1):
-        run.append_jsonl(
-            "metrics.jsonl",
-            {
-                "round": r,
-                "time": 10.0 * r,
-                "test_accuracy": min(0.98, 0.5 + 0.07 * r),
-                "test_to_fake": 0.02 * r,
-                "train_loss": 1.0 / r,
-                "participants": 1,
-            },
+    for r in range(0, rounds + 1):
+        victims = [
+            {"attacker": 1, "target": 0, "fake": 10, "to_fake": 0.02 * r, "target_accuracy": 0.5}
+        ]
+        metrics = RoundMetrics(
+            round=r,
+            time=10.0 * r,
+            test_accuracy=min(0.98, 0.5 + 0.07 * r),
+            victims=victims,
+            train_loss=1.0 / max(r, 1),
+            participants=1,
         )
-        if r % 2 == 0:
+        run.append_jsonl("metrics.jsonl", metrics.to_dict())
+        if r and r % 2 == 0:
             won = success_round is not None and r >= success_round
-            run.append_jsonl(
-                "attack.jsonl",
-                {
-                    "round": r,
-                    "time": 10.0 * r,
-                    "target": 0,
-                    "target_rate": min(1.0, 0.3 * r),
-                    "target_confidence": 0.8,
-                    "nn_l2_median": max(9.0, 26.0 - 3.5 * r),
-                    "nn_ssim_target": min(0.9, 0.1 * r),
-                    "nn_ssim_other": 0.05 * r,
-                    "diversity": 0.4,
-                    "success": won,
-                    "variant": "active",
-                },
-            )
-            save_image_grid(torch.rand(20, 1, 28, 28, generator=gen) * 2 - 1, run.sample_path(r))
+            score = _gan(r, rate=min(1.0, 0.3 * r), l2=max(9.0, 26.0 - 3.5 * r), success=won)
+            run.append_jsonl("attack.jsonl", score)
+            tag = f"active-a1-round-{r:04d}"
+            images = torch.rand(12, 1, 28, 28, generator=gen) * 2 - 1
+            save_image_grid(images, run.path / "samples" / f"strip-{tag}.png", nrow=12)
             save_comparison_grid(
-                torch.rand(10, 1, 28, 28, generator=gen) * 2 - 1,
-                torch.rand(10, 1, 28, 28, generator=gen) * 2 - 1,
-                run.figure6_path(r),
+                images[:10], images[:10], run.path / "grids" / f"figure6-{tag}.png"
             )
     run.append_jsonl(
-        "attack.jsonl",
-        {
-            "round": rounds,
-            "target": 0,
-            "target_rate": 0.2,
-            "nn_l2_median": 40.0,
-            "success": False,
-            "variant": "model-inversion",
-        },
+        "attack.jsonl", _gan(rounds, rate=0.0, l2=7.7, success=False, variant="model-inversion")
     )
     return run
 
 
-def _verdict(html: str) -> tuple[str, str]:
-    m = re.search(r'<p class="verdict (\w+)" id="verdict">(.*?)</p>', html, re.S)
-    assert m, "no verdict paragraph"
-    return m.group(1), m.group(2)
+def _verdicts(html: str) -> list[tuple[str, str]]:
+    found = re.findall(r'<div class="verdict (\w+)" id="verdict">(.*?)</div>', html, re.S)
+    assert found, "no verdict"
+    return found
 
 
 def _embedded_pngs(html: str) -> list[Image.Image]:
@@ -173,73 +183,89 @@ def test_plot_metrics_writes_and_skips(tmp_path):
     assert all(Image.open(p).size[0] > 100 for p in paths)
 
 
-def test_report_on_complete_run(tmp_path):
+def test_report_on_complete_run_puts_the_verdict_first(tmp_path):
     run = _synthetic_run(tmp_path, success_round=4)
     html = write_report(run.path).read_text(encoding="utf-8")
-    kind, text = _verdict(html)
+    ((kind, text),) = _verdicts(html)
     assert kind == "success"
-    assert "Active GAN attack on class 0: success at round 4" in text
-    assert "target rate 1.00, median NN distance 12.0 &lt;= 15" in text
-    assert "Model-inversion baseline on class 0: no success" in text
+    assert "class 0 leaked — success at round 4" in text
+    assert html.index('id="verdict"') < html.index("<h2>")  # the verdict comes first
     assert 'class="attack-scores"' in html and "first success" in html
-    assert "synthetic-test" in html and "<details>" in html and "torch" in html
+    assert "model inversion of the final model" in html
+    assert "closeness, not realism" in html  # measures labelled for what they are
+    assert "one per round" in html and "sawtooth" in html  # the protocol's effects explained
+    assert "Round 0 is the initial" in html
+    assert "participant 0 (honest)" in html
+    assert "model-inversion-a" not in html  # no internal labels
     pngs = _embedded_pngs(html)
-    # accuracy plot, attack plot, latest samples, latest figure 6, figure 6 at first success
-    assert len(pngs) == 5
-    assert {im.format for im in pngs} == {"PNG"}
-    assert "round 6 (latest)" in html and "(first success)" in html
-    assert "RUN FAILED" not in html and "RUN INTERRUPTED" not in html
-    assert not [p for p in run.path.rglob("*.tmp")]
+    # accuracy plot, attack plot, 3 strips (rounds 2, 4, 6), figure 6 of the first success
+    assert len(pngs) == 6 and {im.format for im in pngs} == {"PNG"}
+    assert "RUN FAILED" not in html and not [p for p in run.path.rglob("*.tmp")]
 
 
-def test_report_on_empty_folder_says_no_rounds(tmp_path):
+def test_report_on_empty_folder_says_nothing_was_recorded(tmp_path):
     (tmp_path / "run").mkdir()
     html = write_report(tmp_path / "run").read_text(encoding="utf-8")
-    kind, text = _verdict(html)
-    assert kind == "none" and "No rounds were recorded" in text
-    assert "meta.json is missing" in html
-    assert "data:image" not in html
+    ((kind, text),) = _verdicts(html)
+    assert kind == "none" and "No attack result was recorded" in text
+    assert "No rounds were recorded" in html and "data:image" not in html
 
 
-def test_report_on_killed_partial_run(tmp_path):
+def test_report_on_killed_partial_run_escapes_and_says_so(tmp_path):
     run = RunFolder(tmp_path / "run")
-    run.write_meta(status="interrupted", message="<script>alert(1)</script> stopped", preset="p&q")
-    run.append_jsonl("metrics.jsonl", {"round": 1, "test_accuracy": 0.6, "test_to_fake": None})
+    run.write_meta(status="running", message="<script>alert(1)</script> stopped", preset="p&q")
+    run.append_jsonl("metrics.jsonl", RoundMetrics(round=1, test_accuracy=0.6).to_dict())
     with open(run.path / "metrics.jsonl", "a") as f:
         f.write('{"round": 2, "test_')
-    (run.path / "samples" / "round-0002.png").write_bytes(b"")  # killed before the image landed
     html = write_report(run.path).read_text(encoding="utf-8")
-    assert "RUN INTERRUPTED" in html
+    assert "RUN NOT FINISHED" in html
     assert "&lt;script&gt;" in html and "<script>" not in html
     assert "p&amp;q" in html
-    assert "1 unreadable line in metrics.jsonl" in html
-    kind, text = _verdict(html)
-    assert kind == "none" and "No attack scores were recorded (1 training round)" in text
-    assert "partial" in text
-    assert "No sample grid was written" in html
+    assert "1 unreadable line(s) in metrics.jsonl" in html
 
 
 def test_report_target_rate_alone_is_not_success(tmp_path):
     run = RunFolder(tmp_path / "run")
     run.write_meta(status="finished")
+    run.write_json("config.json", {"eval": {"realism-threshold": 15}, "run": {"rounds": 60}})
     for r in (1, 2):
-        run.append_jsonl("metrics.jsonl", {"round": r, "test_accuracy": 0.9})
-        run.append_jsonl(
-            "attack.jsonl",
-            {
-                "round": r,
-                "target": 3,
-                "target_rate": 1.0,
-                "nn_l2_median": 25.0,
-                "success": False,
-                "variant": "active",
-            },
-        )
-    kind, text = _verdict(write_report(run.path).read_text(encoding="utf-8"))
+        run.append_jsonl("metrics.jsonl", RoundMetrics(round=r, test_accuracy=0.9).to_dict())
+        run.append_jsonl("attack.jsonl", _gan(r, rate=1.0, l2=25.0, success=False))
+    ((kind, text),) = _verdicts(write_report(run.path).read_text(encoding="utf-8"))
     assert kind == "fail"
     assert "success at round" not in text
-    assert "Active GAN attack on class 3: no success in 2 scored sample sets" in text
-    assert "best target rate 1.00" in text and "25.0 &gt; 15" in text
+    assert "no success in 2 scored sample set(s); best evaluator rate 1.00" in text
+
+
+def test_report_of_a_gradient_inversion_run(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.write_meta(status="finished", kind="federation")
+    score = InversionScore(
+        threat="client",
+        round=1,
+        attack="idlg",
+        update="fedsgd",
+        batch_size=1,
+        isolated="exact",
+        psnr=46.9,
+        ssim=0.998,
+        label_accuracy=1.0,
+        iterations=120,
+        evaluations=900,
+        restart=1,
+        seconds=30.0,
+    )
+    run.append_jsonl("inversion.jsonl", score.to_dict())
+    failed = InversionScore(threat="server", round=1, node=5, error="ValueError: boom")
+    run.append_jsonl("inversion.jsonl", failed.to_dict())
+    images = torch.zeros(1, 3, 32, 32)
+    save_comparison_grid(images, images, run.path / "grids" / "inversion-client-round-0001.png")
+    html = write_report(run.path).read_text(encoding="utf-8")
+    ((kind, text),) = _verdicts(html)
+    assert kind == "success"
+    assert "reconstructed 1 private image(s)" in text and "46.9 dB" in text and "1/1" in text
+    assert "no reconstruction could be scored (ValueError: boom)" in text
+    assert "Round 1, adversarial client: private (top) vs reconstructed" in html
 
 
 def test_report_requires_existing_folder(tmp_path):
@@ -247,28 +273,7 @@ def test_report_requires_existing_folder(tmp_path):
         write_report(tmp_path / "nope")
 
 
-def test_report_finds_images_tagged_per_variant_and_attacker(tmp_path):
-    run = RunFolder(tmp_path / "run")
-    run.write_meta(status="finished")
-    images = torch.zeros(4, 1, 28, 28)
-    for r in (2, 4):
-        run.append_jsonl(
-            "attack.jsonl",
-            {
-                "round": r,
-                "attacker": 1,
-                "target": 0,
-                "target_rate": 0.9,
-                "success": r == 2,
-                "variant": "active",
-            },
-        )
-        save_image_grid(images, run.path / "samples" / f"active-a1-round-{r:04d}.png")
-        save_comparison_grid(
-            images, images, run.path / "grids" / f"figure6-active-a1-round-{r:04d}.png"
-        )
-    html = write_report(run.path).read_text(encoding="utf-8")
-    assert "Generated samples, active-a1, round 4 (latest)" in html
-    assert "Figure 6 layout, active-a1, round 4 (latest)" in html
-    assert "Figure 6 layout, active, round 2 (first success)" in html
-    assert len(_embedded_pngs(html)) == 4  # attack plot + the three grids
+def test_one_number_formatter():
+    assert fmt(3) == "3" and fmt(0.12345) == "0.123" and fmt(0.12345, 1) == "0.1"
+    assert fmt(True) == "yes" and fmt(None) == "—" and fmt(float("nan")) == "—"
+    assert fmt(1.5e-5, 3, "g") == "1.5e-05" and fmt([1, 2]) == "[1,2]"

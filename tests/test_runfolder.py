@@ -130,3 +130,75 @@ def test_versions_lists_packages_and_none_for_missing(monkeypatch):
     monkeypatch.setattr(runfolder, "_VERSION_PACKAGES", ("torch", "fedleak-no-such-dist"))
     v = RunFolder.versions()
     assert v["fedleak-no-such-dist"] is None and v["torch"]
+
+
+# --- the one run lifecycle -----------------------------------------------------------------
+
+
+def _open(tmp_path, reports):
+    return runfolder.open_run(
+        tmp_path,
+        "t",
+        kind="study",
+        config={"a": 1},
+        meta={"seed": 3},
+        report=lambda path: reports.append(path),
+    )
+
+
+def test_lifecycle_records_a_finished_run_and_writes_the_report(tmp_path):
+    reports = []
+    with _open(tmp_path, reports) as (run, outcome):
+        assert run.read_json("meta.json")["status"] == "running"
+        outcome.message = "all good"
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "finished" and meta["message"] == "all good" and meta["seed"] == 3
+    assert meta["kind"] == "study" and meta["launcher"]["pid"] > 0 and meta["finished"]
+    assert run.read_json("config.json") == {"a": 1} and reports == [run.path]
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "stopped")]
+)
+def test_lifecycle_records_how_a_run_ended_whatever_ends_it(tmp_path, error, status):
+    reports = []
+    with pytest.raises(type(error)), _open(tmp_path, reports) as (run, _):
+        raise error
+    meta = run.read_json("meta.json")
+    assert meta["status"] == status and reports == [run.path]
+    if status == "failed":
+        assert meta["message"] == "RuntimeError: boom" and "Traceback" in meta["traceback"]
+
+
+def test_a_failing_report_does_not_hide_the_runs_outcome(tmp_path):
+    def broken(path):
+        raise ValueError("template bug")
+
+    with runfolder.open_run(tmp_path, "t", kind="x", config={}, meta={}, report=broken) as (
+        run,
+        outcome,
+    ):
+        outcome.status = runfolder.Status.DEGRADED
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "degraded" and "template bug" in meta["report_error"]
+
+
+def test_a_run_whose_launcher_vanished_is_marked_failed(tmp_path):
+    import subprocess
+    import sys
+
+    run = RunFolder.create(tmp_path, "lost")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run.write_meta(
+        status="running",
+        launcher={"pid": gone.pid, "host": runfolder.socket.gethostname(), "start": "1"},
+    )
+    assert runfolder.reconcile(run)
+    meta = run.read_json("meta.json")
+    assert meta["status"] == "failed" and "launcher lost" in meta["message"]
+    # A live launcher (this process) is left alone.
+    alive = RunFolder.create(tmp_path, "alive")
+    alive.write_meta(status="running", launcher=runfolder.launcher_identity())
+    assert not runfolder.reconcile(alive)
+    assert alive.read_json("meta.json")["status"] == "running"

@@ -11,7 +11,9 @@ import torch
 
 from fedleak import cli
 from fedleak.errors import ConfigError
-from fedleak.studies import STUDIES, StudyFailed, load_study_preset, run_study
+from fedleak.settings import load_study
+from fedleak.settings.studies import STUDIES, DlgModelsSettings
+from fedleak.studies import run_study
 from fedleak.studies.defenses import TINY_OVERRIDES as TINY_DEFENSES
 from fedleak.studies.dlg_models import TINY_OVERRIDES as TINY_DLG
 
@@ -25,44 +27,44 @@ def _one_thread():
 
 
 def test_preset_loading_and_overrides():
-    cfg = load_study_preset("dlg-models")
-    assert cfg["models"]["names"] == ["lenet", "resnet18", "densenet121", "inception_v3"]
-    assert isinstance(cfg["seed"], int) and cfg["description"]
-    cfg = load_study_preset(
+    settings = load_study("dlg-models")
+    assert isinstance(settings, DlgModelsSettings)
+    assert settings.models.names == ["lenet", "resnet18", "densenet121", "inception_v3"]
+    assert settings.seed == 0 and settings.description
+    settings = load_study(
         "dlg-models",
         ['models.names=["lenet"]', "models.lenet.steps=7", "attack.converge-mse=1", "seed=3"],
     )
-    assert cfg["models"]["names"] == ["lenet"]
-    assert cfg["models"]["lenet"]["steps"] == 7
-    assert cfg["attack"]["converge-mse"] == 1.0 and isinstance(cfg["attack"]["converge-mse"], float)
-    assert cfg["seed"] == 3
-    assert load_study_preset("inversion-defenses", ["sweep.noise=[0.5]"])["sweep"]["noise"] == [0.5]
+    assert settings.models.names == ["lenet"] and settings.models.lenet.steps == 7
+    assert settings.attack.converge_mse == 1.0 and isinstance(settings.attack.converge_mse, float)
+    assert settings.seed == 3
+    assert load_study("inversion-defenses", ["sweep.noise=[0.5]"]).sweep.noise == [0.5]
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("attack.stepz=3", "unknown study key 'attack.stepz'"),
-        ("nosection.steps=3", "unknown study key 'nosection.steps'"),
-        ("models.lenet=3", "unknown study key 'models.lenet'"),  # a table, not a value
-        ("models.lenet.steps=many", "expects int"),
-        ("models.sigmoid=1", "expects bool"),
-        ("models.names=lenet", "expects list"),
+        ("attack.stepz=3", "unknown key 'attack.stepz'"),
+        ("nosection.steps=3", "unknown key 'nosection'"),
+        ("models.lenet=3", "models.lenet: input should be a valid dictionary"),
+        ("models.lenet.steps=many", "models.lenet.steps: input should be a valid integer"),
+        ("models.sigmoid=1", "models.sigmoid: input should be a valid boolean"),
+        ("models.names=lenet", "models.names: input should be a valid list"),
         ("attack.steps", "not of the form"),
     ],
 )
 def test_overrides_are_strict(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_study_preset("dlg-models", [override])
+        load_study("dlg-models", [override])
 
 
 @pytest.mark.parametrize(
     ("study", "override", "message"),
     [
-        ("dlg-models", 'models.names=["vgg"]', "unknown model 'vgg'"),
-        ("dlg-models", 'models.resnet18.bn="frozen"', "bn must be train or eval"),
-        ("inversion-defenses", "sweep.topk=[1.5]", "topk keeps a fraction"),
-        ("inversion-defenses", 'attack.distance="l1"', "unknown distance 'l1'"),
+        ("dlg-models", 'models.names=["vgg"]', "models.names.0: input should be 'lenet'"),
+        ("dlg-models", 'models.resnet18.bn="frozen"', "input should be 'train' or 'eval'"),
+        ("inversion-defenses", "sweep.topk=[1.5]", "sweep.topk.0: input should be less than"),
+        ("inversion-defenses", 'attack.distance="l1"', "input should be 'l2' or 'cosine'"),
     ],
 )
 def test_bad_settings_stop_before_a_folder_exists(tmp_path, study, override, message):
@@ -73,11 +75,12 @@ def test_bad_settings_stop_before_a_folder_exists(tmp_path, study, override, mes
 
 def test_unknown_study():
     with pytest.raises(ConfigError, match="unknown study 'nope'"):
-        load_study_preset("nope")
+        load_study("nope")
 
 
 def test_dlg_models_tiny_run(tmp_path, data_root):
-    folder = run_study("dlg-models", TINY_DLG + [f'data.root="{data_root}"'], tmp_path)
+    folder, status = run_study("dlg-models", TINY_DLG + [f'data.root="{data_root}"'], tmp_path)
+    assert status == "finished"
     assert folder.parent == tmp_path and folder.name.endswith("-dlg-models")
     results = json.loads((folder / "results.json").read_text())
     assert set(results) >= {"title", "summary", "rows", "table"}
@@ -99,7 +102,8 @@ def test_dlg_models_tiny_run(tmp_path, data_root):
 
 
 def test_defenses_tiny_run(tmp_path, data_root):
-    folder = run_study("inversion-defenses", TINY_DEFENSES + [f'data.root="{data_root}"'], tmp_path)
+    overrides = TINY_DEFENSES + [f'data.root="{data_root}"']
+    folder, _ = run_study("inversion-defenses", overrides, tmp_path)
     results = json.loads((folder / "results.json").read_text())
     settings = [t["setting"] for t in results["table"]]
     assert settings == [
@@ -124,15 +128,17 @@ def test_failing_study_is_recorded(tmp_path, monkeypatch):
     module = types.ModuleType("fake_failing_study")
     module.run = failing_run
     monkeypatch.setitem(sys.modules, "fake_failing_study", module)
-    monkeypatch.setitem(STUDIES, "dlg-models", "fake_failing_study")
-    with pytest.raises(StudyFailed, match="RuntimeError: boom") as info:
+    monkeypatch.setitem(STUDIES, "dlg-models", (DlgModelsSettings, "fake_failing_study"))
+    with pytest.raises(RuntimeError, match="boom"):
         run_study("dlg-models", [], tmp_path)
-    folder = info.value.run_dir
+    (folder,) = tmp_path.iterdir()
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["status"] == "failed" and meta["message"] == "RuntimeError: boom"
     assert "Traceback" in meta["traceback"] and meta["finished"]
     assert (folder / "partial.txt").read_text() == "written before the failure"
-    assert "STUDY FAILED: RuntimeError: boom" in (folder / "report.html").read_text()
+    assert "RUN FAILED: RuntimeError: boom" in (folder / "report.html").read_text()
+    code = cli.main(["study", "dlg-models", "--out-dir", str(tmp_path / "cli")])
+    assert code == 1  # the command line says it failed, in one line, and where to look
 
 
 def test_cli_lists_studies_and_rejects_bad_overrides(tmp_path, capsys):
@@ -141,7 +147,7 @@ def test_cli_lists_studies_and_rejects_bad_overrides(tmp_path, capsys):
     assert all(name in listed for name in STUDIES)
     code = cli.main(["study", "dlg-models", "--set", "attack.nope=1", "--out-dir", str(tmp_path)])
     assert code == 2
-    assert "unknown study key 'attack.nope'" in capsys.readouterr().err
+    assert "unknown key 'attack.nope'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # a bad override stops before any folder exists
 
 
@@ -150,7 +156,9 @@ def test_cli_report_rebuilds_a_study_report(tmp_path, capsys):
     folder.mkdir()
     results = {"title": "T", "summary": ["one sentence"], "rows": [], "table": [{"a": 1.5}]}
     (folder / "results.json").write_text(json.dumps(results))
-    (folder / "meta.json").write_text(json.dumps({"status": "finished", "study": "x"}))
+    meta = {"status": "finished", "study": "x", "kind": "study"}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / "config.json").write_text("{}")
     assert cli.main(["report", str(folder)]) == 0
     html = (folder / "report.html").read_text()
-    assert "one sentence" in html and "<td>1.5</td>" in html
+    assert "one sentence" in html and "<td>1.5</td>" in html.replace('<td class="l">', "<td>")

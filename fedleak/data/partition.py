@@ -6,12 +6,14 @@ Pure numpy on index arrays so the same split can be recomputed in every client p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from fedleak.errors import ConfigError
+from fedleak.settings.classes import parse_classes
+
+__all__ = ["by_labels", "dirichlet", "iid", "parse_classes"]
 
 _MAX_DIRICHLET_TRIES = 100
 
@@ -89,41 +91,3 @@ def dirichlet(
         f"{min_size} items after {_MAX_DIRICHLET_TRIES} tries; "
         "raise alpha or lower the number of parts"
     )
-
-
-_RANGE = re.compile(r"([0-9]+)\s*-\s*([0-9]+)")
-_INT = re.compile(r"[0-9]+")
-
-
-def parse_classes(spec: str | Sequence[int]) -> list[int]:
-    """Accept config-friendly class specs ("0-4,7") as well as plain lists."""
-    if isinstance(spec, str):
-        text = spec.strip()
-        if not text:
-            return []
-        out: set[int] = set()
-        for token in (t.strip() for t in text.split(",")):
-            match = _RANGE.fullmatch(token)
-            if match:
-                lo, hi = int(match[1]), int(match[2])
-                if lo > hi:
-                    raise ConfigError(f"bad class spec {spec!r}: range {token!r} is reversed")
-                out.update(range(lo, hi + 1))
-            elif _INT.fullmatch(token):
-                out.add(int(token))
-            else:
-                raise ConfigError(
-                    f"bad class spec {spec!r}: cannot parse {token!r} "
-                    "(use e.g. '0,1,2', '0-4' or '0-4,7')"
-                )
-        return sorted(out)
-    try:
-        values = list(spec)
-    except TypeError:
-        raise ConfigError(f"bad class spec {spec!r}: expected a string or a list") from None
-    ints = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 0:
-            raise ConfigError(f"bad class spec {spec!r}: {v!r} is not a non-negative integer")
-        ints.append(int(v))
-    return sorted(set(ints))

@@ -40,6 +40,7 @@ from fedleak.models.ensembler import (
     select,
     server_net,
 )
+from fedleak.settings.ensembler import EnsemblerSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +65,23 @@ class Trained:
     stats: dict
 
 
-def settings(defense: str, cfg: dict) -> dict:
+def settings(defense: str, cfg: EnsemblerSettings) -> dict:
     """Exactly the settings a defense's bundles depend on (its cache key)."""
-    data = {k: cfg["data"][k] for k in ("dataset", "client-train", "augment")}
-    base = {"code": CODE_VERSION, "seed": cfg["seed"], "data": data, "train": cfg["train"]}
-    b = cfg["baselines"]
+    data = {k: cfg.data.to_toml_dict()[k] for k in ("dataset", "client-train", "augment")}
+    base = {"code": CODE_VERSION, "seed": cfg.seed, "data": data, "train": cfg.train.to_toml_dict()}
+    b = cfg.baselines
     extra = {
         "none": {},
-        "shredder": {"shredder-sigma": b["shredder-sigma"]},
-        "single": {"single-sigma": b["single-sigma"]},
-        "dr-single": {"dropout": b["dropout"]},
-        "dr-ensemble": {"dropout": b["dropout"], "num-nets": cfg["ensembler"]["num-nets"]},
-        "ensembler": {"ensembler": cfg["ensembler"]},
+        "shredder": {"shredder-sigma": b.shredder_sigma},
+        "single": {"single-sigma": b.single_sigma},
+        "dr-single": {"dropout": b.dropout},
+        "dr-ensemble": {"dropout": b.dropout, "num-nets": cfg.ensembler.num_nets},
+        "ensembler": {"ensembler": cfg.ensembler.to_toml_dict()},
     }[defense]
     return {"defense": defense, **base, **extra}
 
 
-def cache_key(defense: str, cfg: dict) -> str:
+def cache_key(defense: str, cfg: EnsemblerSettings) -> str:
     text = json.dumps(settings(defense, cfg), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -117,16 +118,16 @@ class DropoutEnsemble(nn.Module):
         return self.tail(self.drop(select(outs, list(range(len(self.bodies))))))
 
 
-def _train_dropout(split: Split, cfg: dict, num_nets: int, defense: str):
-    seed = training.seeded(cfg["seed"], defense)
+def _train_dropout(split: Split, cfg: EnsemblerSettings, num_nets: int, defense: str):
+    seed = training.seeded(cfg.seed, defense)
     noise = gaussian_noise(
         training.FEATURE_SHAPE,
-        cfg["train"]["sigma"],
-        training.seeded(cfg["seed"], "noise", defense),
+        cfg.train.sigma,
+        training.seeded(cfg.seed, "noise", defense),
     )
-    device = training.resolve_device(cfg["device"])
+    device = training.resolve_device(cfg.device)
     torch.manual_seed(seed)
-    model = DropoutEnsemble(noise, num_nets, cfg["baselines"]["dropout"]).to(device)
+    model = DropoutEnsemble(noise, num_nets, cfg.baselines.dropout).to(device)
 
     stats = training.fit_classifier(
         [model], model, split, cfg, seed=seed, name=defense, device=device
@@ -148,11 +149,13 @@ def _train_dropout(split: Split, cfg: dict, num_nets: int, defense: str):
     return server, client, stats
 
 
-def stage1_cached(split: Split, cfg: dict, cache_root: Path | None) -> tuple[list[FullNet], list]:
+def stage1_cached(
+    split: Split, cfg: EnsemblerSettings, cache_root: Path | None
+) -> tuple[list[FullNet], list]:
     """Stage 1, reused across stage-2 settings: it depends on neither P, lambda nor stage 2."""
-    key_cfg = {**settings("none", cfg), "num-nets": cfg["ensembler"]["num-nets"]}
+    key_cfg = {**settings("none", cfg), "num-nets": cfg.ensembler.num_nets}
     key = hashlib.sha256(json.dumps(key_cfg, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root / f"stage1-{key}.pt" if cache_root is not None and cfg["cache"] else None
+    path = cache_root / f"stage1-{key}.pt" if cache_root is not None and cfg.cache else None
     if path is not None and path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         nets = []
@@ -171,14 +174,14 @@ def stage1_cached(split: Split, cfg: dict, cache_root: Path | None) -> tuple[lis
 def train_defense(
     defense: str,
     split: Split,
-    cfg: dict,
+    cfg: EnsemblerSettings,
     none: tuple | None = None,
     cache_root: Path | None = None,
 ):
     """(server bundle, client bundle, stats) for one defense; ``none`` feeds Shredder;
     ``cache_root`` lets Ensembler reuse a cached stage 1."""
-    seed = cfg["seed"]
-    b = cfg["baselines"]
+    seed = cfg.seed
+    b = cfg.baselines
     if defense == "none":
         net, stats = training.train_fullnet(
             split, _zero_noise(), cfg, seed=training.seeded(seed, "none"), name="none"
@@ -189,7 +192,7 @@ def train_defense(
             raise ValueError("shredder needs the trained NONE bundles")
         server, client = none
         noise = gaussian_noise(
-            training.FEATURE_SHAPE, b["shredder-sigma"], training.seeded(seed, "noise", "shredder")
+            training.FEATURE_SHAPE, b.shredder_sigma, training.seeded(seed, "noise", "shredder")
         )
         shredded = ClientBundle(
             client.head, noise, client.tail, [0], 1, "", info={"defense": defense}
@@ -197,7 +200,7 @@ def train_defense(
         return server, shredded, {"retrained": False}
     if defense == "single":
         noise = gaussian_noise(
-            training.FEATURE_SHAPE, b["single-sigma"], training.seeded(seed, "noise", "single")
+            training.FEATURE_SHAPE, b.single_sigma, training.seeded(seed, "noise", "single")
         )
         net, stats = training.train_fullnet(
             split, noise, cfg, seed=training.seeded(seed, "single"), name="single"
@@ -206,7 +209,7 @@ def train_defense(
     if defense == "dr-single":
         return _train_dropout(split, cfg, 1, defense)
     if defense == "dr-ensemble":
-        return _train_dropout(split, cfg, cfg["ensembler"]["num-nets"], defense)
+        return _train_dropout(split, cfg, cfg.ensembler.num_nets, defense)
     if defense == "ensembler":
         nets, stage1_stats = stage1_cached(split, cfg, cache_root)
         server, client, stats = training.stage2(split, nets, cfg)
@@ -221,7 +224,9 @@ def write_pair(server: ServerBundle, client: ClientBundle, folder: Path, version
     save_client_bundle(client, folder / "client.pt")
 
 
-def build(defenses: list[str], split: Split, cfg: dict, cache_root: Path) -> dict[str, Trained]:
+def build(
+    defenses: list[str], split: Split, cfg: EnsemblerSettings, cache_root: Path
+) -> dict[str, Trained]:
     """Train (or reuse from ``cache_root``) each defense's bundles, NONE first."""
     out: dict[str, Trained] = {}
     ordered = sorted(defenses, key=lambda d: list(LABELS).index(d))
@@ -229,7 +234,7 @@ def build(defenses: list[str], split: Split, cfg: dict, cache_root: Path) -> dic
         key = cache_key(defense, cfg)
         folder = cache_root / f"{defense}-{key}"
         stats_file = folder / "stats.json"
-        if not (cfg["cache"] and stats_file.is_file() and (folder / "client.pt").is_file()):
+        if not (cfg.cache and stats_file.is_file() and (folder / "client.pt").is_file()):
             none = None
             if defense == "shredder":
                 none_dir = out["none"].server_path.parent if "none" in out else None

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fedleak.data import load_dataset
+from fedleak.data.augment import augment
 from fedleak.errors import ConfigError
+from fedleak.settings.ensembler import EnsemblerSettings
 
 
 @dataclass(frozen=True)
@@ -33,44 +34,30 @@ class Splits:
     victims: Split
 
 
-def load_splits(cfg: dict) -> Splits:
-    data = cfg["data"]
-    root = data["root"] or None
-    train = load_dataset(data["dataset"], "train", root)
-    test = load_dataset(data["dataset"], "test", root)
-    need = data["client-train"] + (0 if data["aux-overlap"] else data["aux"])
-    if need > len(train) or data["aux"] > len(train) or data["eval"] > len(test):
+def load_splits(cfg: EnsemblerSettings) -> Splits:
+    data = cfg.data
+    root = data.root or None
+    train = load_dataset(data.dataset, "train", root)
+    test = load_dataset(data.dataset, "test", root)
+    need = data.client_train + (0 if data.aux_overlap else data.aux)
+    if need > len(train) or data.aux > len(train) or data.eval > len(test):
         raise ConfigError(
-            f"data: asked for {data['client-train']} client + {data['aux']} aux train images "
-            f"(overlap={data['aux-overlap']}) and {data['eval']} test images; the dataset has "
+            f"data: asked for {data.client_train} client + {data.aux} aux train images "
+            f"(overlap={data.aux_overlap}) and {data.eval} test images; the dataset has "
             f"{len(train)} train and {len(test)} test"
         )
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg["seed"]))
-    client = order[: data["client-train"]]
-    start = 0 if data["aux-overlap"] else data["client-train"]
-    aux = order[start : start + data["aux"]]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+    client = order[: data.client_train]
+    start = 0 if data.aux_overlap else data.client_train
+    aux = order[start : start + data.aux]
     # The test split is stored class by class: a seeded shuffle gives every class its share.
-    victims = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg["seed"]))
-    victims = victims[: data["eval"]]
+    victims = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+    victims = victims[: data.eval]
     return Splits(
         Split(train.images[client].clone(), train.labels[client].clone()),
         Split(train.images[aux].clone(), train.labels[aux].clone()),
         Split(test.images[victims].clone(), test.labels[victims].clone()),
     )
-
-
-def augment(x: Tensor, gen: torch.Generator, pad: int = 4) -> Tensor:
-    """Random horizontal flip and random crop after zero padding (mid-grey in [-1, 1])."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    padded = F.pad(x, (pad,) * 4)
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[
-        torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[:, None, None], rows, cols
-    ]
 
 
 def batches(

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import re
 import shutil
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,51 +24,52 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fedleak import stats
 from fedleak.attacker.ensembler_inversion import AttackSettings, choose, fit_inverters, variants
 from fedleak.ensembler import baselines, remote
 from fedleak.ensembler.data import Splits, load_splits
-from fedleak.ensembler.report import WEAK_ATTACK_SSIM, write_report
 from fedleak.ensembler.training import resolve_device
 from fedleak.metrics.images import psnr, ssim
 from fedleak.models.ensembler import load_client_bundle, load_server_bundle
 from fedleak.models.evaluator import cache_dir
+from fedleak.report.ensembler import WEAK_ATTACK_SSIM
 from fedleak.report.grids import save_comparison_grid, save_image_grid
-from fedleak.runfolder import RunFolder, now_iso
+from fedleak.runfolder import RunFolder, Status, open_run
+from fedleak.settings.ensembler import EnsemblerSettings
 
 log = logging.getLogger(__name__)
 
 GRID_IMAGES = 10
 
 
-def attack_settings(cfg: dict) -> AttackSettings:
-    a = cfg["attack"]
-    device = str(resolve_device(cfg["device"]))
+def attack_settings(cfg: EnsemblerSettings) -> AttackSettings:
+    a = cfg.attack
     return AttackSettings(
-        a["shadow-epochs"],
-        a["decoder-epochs"],
-        a["lr"],
-        a["batch-size"],
-        seed=cfg["seed"],
-        augment=cfg["data"]["augment"],
-        device=device,
-        bn_weight=a["bn-weight"],
-        align_weight=a["align-weight"],
-        restarts=a["restarts"],
+        a.shadow_epochs,
+        a.decoder_epochs,
+        a.lr,
+        a.batch_size,
+        seed=cfg.seed,
+        augment=cfg.data.augment,
+        device=str(resolve_device(cfg.device)),
+        bn_weight=a.bn_weight,
+        align_weight=a.align_weight,
+        restarts=a.restarts,
     )
 
 
-def bundle_cache(cfg: dict) -> Path:
-    return cache_dir() / "ensembler" / cfg["data"]["dataset"]
+def bundle_cache(cfg: EnsemblerSettings) -> Path:
+    return cache_dir() / "ensembler" / cfg.data.dataset
 
 
 def serve_and_classify(
     trained: baselines.Trained,
     splits: Splits,
-    cfg: dict,
+    cfg: EnsemblerSettings,
     run: RunFolder,
 ) -> tuple[float, Tensor, dict]:
     """(accuracy, features the server received, checks) for one defense, via a real server."""
-    serve = cfg["serve"]
+    serve = cfg.serve
     record_dir = run.path / "recordings" / trained.defense
     shutil.rmtree(record_dir, ignore_errors=True)
     started = time.monotonic()
@@ -78,8 +78,8 @@ def serve_and_classify(
         record_dir,
         run.path / "logs" / f"server-{trained.defense}.log",
         host=serve["host"],
-        threads=cfg["threads"],
-        device=cfg["device"],
+        threads=cfg.threads,
+        device=cfg.device,
         startup_timeout=serve["startup-timeout"],
     ) as proc:
         logits = remote.classify_remote(
@@ -101,7 +101,7 @@ def serve_and_classify(
         "max_abs_diff_to_client_encoding": float((sent - received).abs().max()),
         "serve_seconds": round(seconds, 1),
     }
-    if not cfg["serve"]["keep-recordings"]:
+    if not cfg.serve.keep_recordings:
         shutil.rmtree(record_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             record_dir.parent.rmdir()  # only when empty: the last defense's recordings are gone
@@ -126,11 +126,12 @@ def summarize(trials: list[dict]) -> dict:
     public = [_public(t) for t in trials]
     ssims = [t["ssim"] for t in trials]
     median = sorted(range(len(trials)), key=ssims.__getitem__)[(len(trials) - 1) // 2]
+    ssim, psnr = stats.summarize(ssims), stats.summarize(t["psnr"] for t in trials)
     out: dict = {
-        "ssim": statistics.fmean(ssims),
-        "ssim_std": _std(ssims),
-        "psnr": statistics.fmean([t["psnr"] for t in trials]),
-        "psnr_std": _std([t["psnr"] for t in trials]),
+        "ssim": ssim.mean,
+        "ssim_std": ssim.std,
+        "psnr": psnr.mean,
+        "psnr_std": psnr.std,
         "attack_seconds": round(sum(t.get("attack_seconds", 0.0) for t in trials), 1),
         "grid_trial": median,
         "trials": public,
@@ -140,17 +141,16 @@ def summarize(trials: list[dict]) -> dict:
     for key in ("cycle_error", "shadow_aux_accuracy", "decoder_mse"):
         values = [t[key] for t in trials if isinstance(t.get(key), int | float)]
         if values:
-            out[key] = statistics.fmean(values)
+            out[key] = stats.summarize(values).mean
     return out
 
 
-def _std(values: list[float]) -> float:
-    """Sample standard deviation (0 for one trial)."""
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def attack_defense(
-    server_path: Path, received: dict[str, Tensor], splits: Splits, cfg: dict, adaptive: bool
+    server_path: Path,
+    received: dict[str, Tensor],
+    splits: Splits,
+    cfg: EnsemblerSettings,
+    adaptive: bool,
 ) -> dict[str, dict[str, dict]]:
     """{defense: {variant: scores over the trials}} for the defenses sharing this server
     bundle; each variant also keeps its median trial's first reconstructions under
@@ -160,7 +160,7 @@ def attack_defense(
     out: dict[str, dict[str, dict]] = {d: {} for d in received}
     for variant in variants(len(nets), adaptive):
         trials: dict[str, list[dict]] = {d: [] for d in received}
-        for trial in range(cfg["attack"]["trials"]):
+        for trial in range(cfg.attack.trials):
             attacker = trial_settings(settings, trial)
             inverters = None
             for defense, features in received.items():
@@ -293,39 +293,32 @@ def save_grids(run: RunFolder, victims: Tensor, rows: list[dict]) -> list[dict]:
     return figures
 
 
-def run_preset(cfg: dict) -> Path:
-    """Run everything for a resolved preset; returns the run folder."""
-    torch.set_num_threads(cfg["threads"])
-    run = RunFolder.create(cfg["out-dir"], cfg["preset"] or "ensembler")
-    run.write_json("config.json", cfg)
-    run.write_meta(
-        seed=cfg["seed"],
-        preset=cfg["preset"],
-        status="running",
-        started=now_iso(),
-        versions=RunFolder.versions(),
+def run_preset(cfg: EnsemblerSettings) -> tuple[Path, Status]:
+    """Run everything for resolved settings; returns the run folder and how it ended."""
+    from fedleak.report import write_report
+
+    torch.set_num_threads(cfg.threads)
+    meta = {
+        "seed": cfg.seed,
+        "preset": cfg.preset,
+        "device": str(resolve_device(cfg.device)),
+        "threads": cfg.threads,
+    }
+    name = (cfg.preset or "ensembler").removesuffix(".toml").split("/")[-1]
+    with open_run(
+        cfg.out_dir,
+        name,
         kind="ensembler",
-    )
-    started = time.monotonic()
-    try:
-        results = _run(cfg, run, started)
-    except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        run.write_meta(
-            status=status,
-            finished=now_iso(),
-            message=f"{type(err).__name__}: {err}",
-            wall_seconds=round(time.monotonic() - started, 1),
-        )
-        write_report(run.path)
-        raise
-    run.write_meta(status="finished", finished=now_iso(), wall_seconds=results["wall_seconds"])
-    write_report(run.path)
-    return run.path
+        config=cfg.to_toml_dict(),
+        meta=meta,
+        report=write_report,
+    ) as (run, outcome):
+        _run(cfg, run, time.monotonic())
+    return run.path, outcome.status
 
 
-def _run(cfg: dict, run: RunFolder, started: float) -> dict:
-    defenses = cfg["baselines"]["defenses"]
+def _run(cfg: EnsemblerSettings, run: RunFolder, started: float) -> dict:
+    defenses = cfg.baselines.defenses
     splits = load_splits(cfg)
     timings: dict[str, float] = {}
     t = time.monotonic()
@@ -343,7 +336,7 @@ def _run(cfg: dict, run: RunFolder, started: float) -> dict:
     for d in trained:
         by_server.setdefault(trained[d].server_path, []).append(d)
     for server_path, group in by_server.items():
-        adaptive = cfg["attack"]["adaptive"] and "ensembler" in group
+        adaptive = cfg.attack.adaptive and "ensembler" in group
         attacks.update(
             attack_defense(server_path, {d: received[d] for d in group}, splits, cfg, adaptive)
         )

@@ -29,6 +29,7 @@ from fedleak.models.ensembler import (
     gaussian_noise,
     select,
 )
+from fedleak.settings.ensembler import EnsemblerSettings, EnsemblerTrain
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def fit(
     *,
     epochs: int,
     lr: float,
-    tcfg: dict,
+    tcfg: EnsemblerTrain,
     seed: int,
     augment: bool,
     name: str,
@@ -74,9 +75,9 @@ def fit(
     """SGD with momentum, weight decay and a cosine schedule; returns the last epoch's stats."""
     modules = list(modules)
     opt = torch.optim.SGD(
-        params, lr=lr, momentum=tcfg["momentum"], weight_decay=tcfg["weight-decay"], nesterov=True
+        params, lr=lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True
     )
-    per_epoch = max(1, -(-len(split) // tcfg["batch-size"]))
+    per_epoch = max(1, -(-len(split) // tcfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.15
     )
@@ -86,7 +87,7 @@ def fit(
         for m in modules:
             m.train()
         started, total, correct, loss_sum = time.monotonic(), 0, 0, 0.0
-        for x, y in batches(split, tcfg["batch-size"], gen, with_augment=augment):
+        for x, y in batches(split, tcfg.batch_size, gen, with_augment=augment):
             if device is not None:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = step_loss(x, y)
@@ -114,7 +115,7 @@ def fit_classifier(
     modules: list[nn.Module],
     forward: Callable[[Tensor], Tensor],
     split: Split,
-    cfg: dict,
+    cfg: EnsemblerSettings,
     *,
     seed: int,
     name: str,
@@ -127,27 +128,33 @@ def fit_classifier(
         logits = forward(x)
         return F.cross_entropy(logits, y), logits
 
-    t = cfg["train"]
+    t = cfg.train
     return fit(
         modules,
         [p for m in modules for p in m.parameters()],
         step,
         split,
-        epochs=t["epochs"],
-        lr=t["lr"],
+        epochs=t.epochs,
+        lr=t.lr,
         tcfg=t,
         seed=seed,
-        augment=cfg["data"]["augment"],
+        augment=cfg.data.augment,
         name=name,
         device=device,
     )
 
 
 def train_fullnet(
-    split: Split, noise: Tensor, cfg: dict, *, seed: int, name: str, dropout: float = 0.0
+    split: Split,
+    noise: Tensor,
+    cfg: EnsemblerSettings,
+    *,
+    seed: int,
+    name: str,
+    dropout: float = 0.0,
 ) -> tuple[FullNet, dict]:
     """One head + fixed noise + server net + tail, trained end to end (Eq. 2)."""
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     torch.manual_seed(seed)
     net = FullNet(noise).to(device)
     drop = nn.Dropout(dropout)
@@ -159,14 +166,13 @@ def train_fullnet(
     return net.cpu().eval(), stats
 
 
-def stage1(split: Split, cfg: dict) -> tuple[list[FullNet], list[dict]]:
+def stage1(split: Split, cfg: EnsemblerSettings) -> tuple[list[FullNet], list[dict]]:
     """N distinct nets: own initialisation and own fixed noise N(0, sigma) each."""
     nets, stats = [], []
-    for i in range(cfg["ensembler"]["num-nets"]):
-        sigma = cfg["train"]["sigma"]
-        noise = gaussian_noise(FEATURE_SHAPE, sigma, seeded(cfg["seed"], "noise", i))
+    for i in range(cfg.ensembler.num_nets):
+        noise = gaussian_noise(FEATURE_SHAPE, cfg.train.sigma, seeded(cfg.seed, "noise", i))
         net, s = train_fullnet(
-            split, noise, cfg, seed=seeded(cfg["seed"], "stage1", i), name=f"stage1 net {i}"
+            split, noise, cfg, seed=seeded(cfg.seed, "stage1", i), name=f"stage1 net {i}"
         )
         nets.append(net)
         stats.append(s)
@@ -211,17 +217,19 @@ class Stage2Net(nn.Module):
         return self.tail(select(torch.stack(outs), self.selected)), features
 
 
-def stage2(split: Split, nets: list[FullNet], cfg: dict) -> tuple[ServerBundle, ClientBundle, dict]:
+def stage2(
+    split: Split, nets: list[FullNet], cfg: EnsemblerSettings
+) -> tuple[ServerBundle, ClientBundle, dict]:
     """Freeze the N server nets, pick P secretly, train a new head and tail with Eq. 3."""
-    ens = cfg["ensembler"]
-    selected = choose_selected(ens["num-nets"], ens["selected"], seeded(cfg["seed"], "selector"))
-    noise = gaussian_noise(FEATURE_SHAPE, cfg["train"]["sigma"], seeded(cfg["seed"], "noise", "s2"))
-    device = resolve_device(cfg["device"])
-    torch.manual_seed(seeded(cfg["seed"], "stage2"))
+    ens = cfg.ensembler
+    selected = choose_selected(ens.num_nets, ens.selected, seeded(cfg.seed, "selector"))
+    noise = gaussian_noise(FEATURE_SHAPE, cfg.train.sigma, seeded(cfg.seed, "noise", "s2"))
+    device = resolve_device(cfg.device)
+    torch.manual_seed(seeded(cfg.seed, "stage2"))
     bodies = [freeze(n.body).to(device) for n in nets]
     heads = [freeze(n.head).to(device) for n in nets]
     model = Stage2Net(bodies, selected, noise).to(device)
-    lam = ens["lambda"]
+    lam = ens.lambda_
     last: dict = {}
 
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,11 +245,11 @@ def stage2(split: Split, nets: list[FullNet], cfg: dict) -> tuple[ServerBundle, 
         list(model.parameters()),
         step,
         split,
-        epochs=ens["stage2-epochs"],
-        lr=ens["lr"],
-        tcfg=cfg["train"],
-        seed=seeded(cfg["seed"], "stage2-data"),
-        augment=cfg["data"]["augment"],
+        epochs=ens.stage2_epochs,
+        lr=ens.lr,
+        tcfg=cfg.train,
+        seed=seeded(cfg.seed, "stage2-data"),
+        augment=cfg.data.augment,
         name="stage2",
         device=device,
     )

@@ -8,33 +8,37 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from fedleak.report.page import number
 from fedleak.runfolder import ATTACK, CONFIG, METRICS, RunFolder, atomic_write_bytes
 
-# Hitaj et al. do not give a number; 15 is the testbed's default for [-1, 1] 32x32 images.
-DEFAULT_REALISM_THRESHOLD = 15.0
 VARIANT_ORDER = ("active", "passive", "model-inversion")
 
 
-def realism_threshold(config: Any) -> float:
-    """The config's ``eval.realism-threshold``, else the default."""
+def realism_threshold(config: Any) -> float | None:
+    """The settings' ``eval.realism-threshold`` (None when it is off or not recorded)."""
     try:
         value = float(config["eval"]["realism-threshold"])
     except (KeyError, TypeError, ValueError):
-        return DEFAULT_REALISM_THRESHOLD
-    return value if math.isfinite(value) else DEFAULT_REALISM_THRESHOLD
-
-
-def number(value: Any) -> float | None:
-    """A finite float, or None for missing, null, bool or non-numeric values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def flat_attack(record: dict) -> dict:
+    """An attack.jsonl record with its measures beside round, variant and success."""
+    return {**record.get("measures", {}), **{k: v for k, v in record.items() if k != "measures"}}
+
+
+def flat_metrics(record: dict) -> dict:
+    """A metrics.jsonl record with the first attacker's victim cost as ``test_to_fake``."""
+    victims = record.get("victims") or []
+    return {**record, "test_to_fake": victims[0].get("to_fake") if victims else None}
 
 
 def series(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
@@ -98,7 +102,7 @@ def _line(
         ax.plot(*xy, marker=marker, color=color, label=label, **kw)
 
 
-def _plot_attack(attack: list[dict], threshold: float, path: Path) -> Path | None:
+def _plot_attack(attack: list[dict], threshold: float | None, path: Path) -> Path | None:
     groups = by_variant(attack)
     if not any(
         series(recs, k)[0]
@@ -120,7 +124,8 @@ def _plot_attack(attack: list[dict], threshold: float, path: Path) -> Path | Non
         )
         _line(ax_l2, series(recs, "nn_l2_median"), variant, c)
         _line(ax_div, series(recs, "diversity"), variant, c)
-    ax_l2.axhline(threshold, ls="--", color="k", lw=1, label=f"realism threshold {threshold:g}")
+    if threshold is not None:
+        ax_l2.axhline(threshold, ls="--", color="k", lw=1, label=f"realism threshold {threshold:g}")
     ax_rate.set(title="evaluator: samples classified as the target", ylim=(-0.02, 1.02))
     ax_ssim.set(title="SSIM to nearest real image (higher = closer)")
     ax_l2.set(title="median L2 to nearest real image (lower = closer)")
@@ -139,10 +144,58 @@ def _plot_attack(attack: list[dict], threshold: float, path: Path) -> Path | Non
 def plot_metrics(run: RunFolder) -> list[Path]:
     """Write plots/accuracy.png and plots/attack.png; a plot with no data is skipped."""
     config = run.read_json(CONFIG, {})
+    metrics = [flat_metrics(r) for r in run.read_jsonl(METRICS)]
+    attack = [flat_attack(r) for r in run.read_jsonl(ATTACK)]
     written = [
-        _plot_accuracy(run.read_jsonl(METRICS), run.path / "plots" / "accuracy.png"),
-        _plot_attack(
-            run.read_jsonl(ATTACK), realism_threshold(config), run.path / "plots" / "attack.png"
-        ),
+        _plot_accuracy(metrics, run.path / "plots" / "accuracy.png"),
+        _plot_attack(attack, realism_threshold(config), run.path / "plots" / "attack.png"),
     ]
     return [p for p in written if p is not None]
+
+
+def save_line_plot(
+    path: str | os.PathLike,
+    series: list[tuple[str, list[float], list[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logy: bool = False,
+    logx: bool = False,
+    hline: tuple[float, str] | None = None,
+) -> Path:
+    """One PNG with a line per ``(label, xs, ys)``; points a log axis cannot show are skipped.
+
+    ``matplotlib.figure.Figure`` directly, never pyplot: no global backend state.
+    """
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot()
+    for label, xs, ys in series:
+        pts = [
+            (x, y)
+            for x, y in zip(xs, ys, strict=True)
+            if y is not None and math.isfinite(y) and (y > 0 or not logy) and (x > 0 or not logx)
+        ]
+        if pts:
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "o-",
+                label=label,
+                linewidth=1.2,
+                markersize=3 if len(pts) <= 10 else 0,
+            )
+    if hline is not None:
+        ax.axhline(hline[0], color="grey", linestyle="--", linewidth=1, label=hline[1])
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, alpha=0.3)
+    if series or hline:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())

@@ -31,14 +31,14 @@ import torch
 
 from fedleak.attacker.inversion import ATTACKS, fedsgd_update, get_attack
 from fedleak.attacker.inversion.objectives import DISTANCES
-from fedleak.clients.defenses import apply_defenses, global_norm, parse_defenses
 from fedleak.data import load_dataset
+from fedleak.defenses import apply_defenses, global_norm, parse_defenses
 from fedleak.metrics.images import score_batch
 from fedleak.models.leakage import SigmoidLeNet
 from fedleak.report.grids import save_comparison_grid
+from fedleak.report.plots import save_line_plot
 from fedleak.runfolder import RunFolder
 from fedleak.studies import write_results
-from fedleak.studies.report import save_line_plot
 
 # A setting that runs in seconds (tests): one batch, a few steps, one value per axis.
 TINY_OVERRIDES = [

@@ -38,9 +38,9 @@ from fedleak.data import load_dataset
 from fedleak.metrics.images import mse, score_batch
 from fedleak.models.leakage import build_leakage_model
 from fedleak.report.grids import save_comparison_grid
+from fedleak.report.plots import save_line_plot
 from fedleak.runfolder import RunFolder
 from fedleak.studies import write_results
-from fedleak.studies.report import save_line_plot
 
 PAPER_IMAGE_SIZES = {"lenet": 32, "resnet18": 224, "densenet121": 224, "inception_v3": 299}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -62,9 +62,9 @@ from fedleak.data import load_dataset, num_classes
 from fedleak.metrics.images import psnr, score_batch
 from fedleak.models.leakage import SigmoidLeNet
 from fedleak.report.grids import save_image_grid
+from fedleak.report.plots import save_line_plot
 from fedleak.runfolder import RunFolder, atomic_write_bytes
 from fedleak.studies import write_results
-from fedleak.studies.report import save_line_plot
 
 METHOD_NAMES = {
     "ig": "Inverting Gradients (GI-x, pixels)",

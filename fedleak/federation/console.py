@@ -1,0 +1,97 @@
+"""What a federated run tells the person (or the script) that started it.
+
+Three modes: ``text`` (lines a person reads), ``quiet`` (warnings, the verdict and the report's
+path only) and ``json`` (one JSON object a line: ``{"event": ..., ...}`` for scripts and CI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal, TextIO
+
+from fedleak.records import GanScore, InversionScore, NodeReport, Record, RoundMetrics, StatusReport
+
+Mode = Literal["text", "quiet", "json"]
+
+
+class Console:
+    def __init__(self, mode: Mode = "text", out: TextIO | None = None, rounds: int = 0) -> None:
+        self.mode = mode
+        self.out = out or sys.stdout
+        self.rounds = rounds
+
+    def _emit(self, event: str, text: str, important: bool = False, **data: Any) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": event, **data}, default=str), file=self.out, flush=True)
+        elif self.mode == "text" or important:
+            print(text, file=self.out, flush=True)
+
+    def info(self, text: str) -> None:
+        self._emit("info", f"fedleak: {text}", message=text)
+
+    def warn(self, text: str) -> None:
+        self._emit("warning", f"fedleak: warning: {text}", important=True, message=text)
+
+    def record(self, record: Record) -> None:
+        """A record the scoring produced or passed on."""
+        if isinstance(record, RoundMetrics):
+            self._round(record)
+        elif isinstance(record, GanScore):
+            self._gan(record)
+        elif isinstance(record, InversionScore):
+            self._inversion(record)
+        elif isinstance(record, NodeReport):
+            self._emit(
+                "node",
+                f"  participant {record.participant} ({record.role}) is node {record.node}",
+                **record.to_dict(),
+            )
+        elif isinstance(record, StatusReport) and record.state == "failed":
+            self.warn(f"the ServerApp failed: {record.message}")
+
+    def _round(self, m: RoundMetrics) -> None:
+        if m.round == 0:
+            return
+        acc = "—" if m.test_accuracy is None else f"{m.test_accuracy:.3f}"
+        line = f"round {m.round:>3}/{self.rounds}  test acc {acc}"
+        if m.to_fake is not None:
+            line += f"  target->fake {m.to_fake:.2f}"
+        line += f"  t={m.time:.0f}s"
+        if m.participants == 0:
+            line += "  (no usable reply this round)"
+        if m.rejected:
+            line += f"  ({m.rejected} reply(ies) rejected)"
+        self._emit("round", line, **m.to_dict())
+
+    def _gan(self, s: GanScore) -> None:
+        if s.error:
+            text = f"  attack {s.variant} round {s.round}: {s.error}"
+        else:
+            g = s.measures.get
+            text = (
+                f"  attack {s.variant:<7} round {s.round:>3}: target rate "
+                f"{g('target_rate', 0):.2f}, NN-L2 {g('nn_l2_median', 0):.1f}, SSIM target/other "
+                f"{g('nn_ssim_target', 0):.2f}/{g('nn_ssim_other', 0):.2f}, success "
+                f"{'yes' if s.success else 'no'}"
+            )
+        self._emit("attack-score", text, **s.to_dict())
+
+    def _inversion(self, s: InversionScore) -> None:
+        who = "adversarial client" if s.threat == "client" else f"curious server (node {s.node})"
+        if s.error:
+            text = f"  inversion by {who}, round {s.round}: {s.error}"
+        else:
+            text = (
+                f"  inversion by {who}, round {s.round}: PSNR {s.psnr:.1f} dB, SSIM {s.ssim:.3f}, "
+                f"labels {s.label_accuracy:.0%}, {s.seconds:.0f} s ({s.attack}, {s.update})"
+            )
+        self._emit("inversion-score", text, **s.to_dict())
+
+    def verdict(self, lines: list[str]) -> None:
+        for line in lines:
+            self._emit("verdict", f"fedleak: {line}", important=True, message=line)
+
+    def done(self, status: str, message: str, report: str) -> None:
+        text = f"fedleak: {status}{': ' + message if message else ''}\nfedleak: report {report}"
+        self._emit("done", text, important=True, status=status, message=message, report=report)
