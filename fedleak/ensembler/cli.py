@@ -18,7 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedleak.clients import ensembler_tls
 from fedleak.errors import FedleakError
+from fedleak.server import ensembler_options
 
 
 def _preset_args(p: argparse.ArgumentParser) -> None:
@@ -60,10 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--record", metavar="DIR", help="keep every received feature batch")
     serve.add_argument("--threads", type=int, default=1)
+    ensembler_options.add_arguments(serve)  # limits and TLS
     classify = sub.add_parser("classify", help="classify the preset's victim images remotely")
     _preset_args(classify)
     classify.add_argument("--bundle", required=True, type=Path, help="client bundle")
     classify.add_argument("--server", required=True, help="HOST:PORT")
+    ensembler_tls.add_arguments(classify)
     attack = sub.add_parser("attack", help="invert features a server recorded")
     _preset_args(attack)
     attack.add_argument("--bundle", required=True, type=Path, help="server bundle")
@@ -164,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
     ]
     if args.record:
         argv += ["--record", args.record]
-    return service_main(argv)
+    return service_main(argv + ensembler_options.to_argv(args))
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -173,13 +177,17 @@ def _classify(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args)
     victims = load_splits(cfg).victims
-    logits = classify_remote(
-        args.bundle,
-        args.server,
-        victims.images,
-        batch_size=cfg["serve"]["batch-size"],
-        timeout=cfg["serve"]["timeout"],
-    )
+    try:
+        logits = classify_remote(
+            args.bundle,
+            args.server,
+            victims.images,
+            batch_size=cfg["serve"]["batch-size"],
+            timeout=cfg["serve"]["timeout"],
+            tls=ensembler_tls.from_args(args),
+        )
+    except ValueError as err:  # unusable TLS files
+        raise FedleakError(str(err)) from None
     correct = int((logits.argmax(1) == victims.labels).sum())
     print(f"accuracy {correct / len(victims):.4f} ({correct}/{len(victims)})")
     return 0

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fedleak.clients.ensembler_tls import ClientTLS
 from fedleak.errors import FedleakError
 from fedleak.models.ensembler import load_client_bundle
+from fedleak.server.ensembler_options import is_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +70,8 @@ def server_process(
     ]
     if record_dir is not None:
         cmd += ["--record", str(record_dir)]
+    if not is_loopback(host):  # the experiment's own client talks plain text to it
+        cmd += ["--insecure"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -108,13 +112,20 @@ def _stop(popen: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 def classify_remote(
-    client_path: Path, address: str, images: Tensor, *, batch_size: int, timeout: float
+    client_path: Path,
+    address: str,
+    images: Tensor,
+    *,
+    batch_size: int,
+    timeout: float,
+    tls: ClientTLS | None = None,
 ) -> Tensor:
-    """The client's side: its bundle, the remote server nets, logits for ``images``."""
+    """The client's side: its bundle, the remote server nets, logits for ``images``; ``tls``:
+    plain text when None."""
     from fedleak.clients.ensembler_client import RemoteEnsemble, classify
 
     client = load_client_bundle(client_path)
-    with RemoteEnsemble(address, timeout=timeout) as remote:
+    with RemoteEnsemble(address, timeout=timeout, tls=tls) as remote:
         return classify(client, remote, images, batch_size)
 
 
