@@ -6,6 +6,7 @@ short."""
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 
@@ -149,6 +150,18 @@ def test_a_request_that_trickles_in_ends_at_the_request_deadline(server):
         code, details = forward_error(pb_grpc.EnsemblerStub(channel).Forward(trickle(), timeout=60))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "--request-deadline" in details, details
     assert DEADLINE - 0.5 <= time.monotonic() - started <= DEADLINE + 5
+    assert health(server.address) == SERVING
+
+
+def test_a_connection_that_never_speaks_http2_is_closed(server):
+    """A bare TCP connection: no HTTP/2 preface, no call, nothing for gRPC to time out."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=IDLE + 15) as sock:
+        started, received = time.monotonic(), b""
+        while chunk := sock.recv(4096):
+            received += chunk
+        closed_after = time.monotonic() - started
+    assert IDLE - 0.5 <= closed_after <= IDLE + 5, closed_after
+    assert b"handshake timeout" in received  # gRPC's GOAWAY says why
     assert health(server.address) == SERVING
 
 

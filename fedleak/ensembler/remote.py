@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +46,10 @@ def server_process(
     threads: int = 1,
     device: str = "cpu",
     startup_timeout: float = 120.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Start the service on a free port (it writes the port to a file), stop it on exit."""
+    """Start the service on a free port (it writes the port to a file), stop it on exit.
+    ``extra_args``: more of the service's flags (limits, TLS)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     port_file = log.with_suffix(".port")
     port_file.unlink(missing_ok=True)
@@ -72,6 +74,7 @@ def server_process(
         cmd += ["--record", str(record_dir)]
     if not is_loopback(host):  # the experiment's own client talks plain text to it
         cmd += ["--insecure"]
+    cmd += list(extra_args)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
