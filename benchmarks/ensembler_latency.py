@@ -32,19 +32,21 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import torch
 
 from fedleak.clients.ensembler_client import RemoteEnsemble
 from fedleak.models.ensembler import FEATURE_DIM, ServerBundle, save_server_bundle, server_net
 from fedleak.proto import ensembler_pb2 as pb
-from fedleak.proto import ensembler_pb2_grpc as pb_grpc
 from fedleak.proto import wire
 from fedleak.server.ensemble_runner import EnsembleRunner, default_mode, resolve_device
-from fedleak.server.ensembler_service import DEFAULT_MAX_BATCH, EnsemblerServicer, serve
+from fedleak.server.ensembler_service import (
+    DEFAULT_MAX_BATCH,
+    EnsemblerServer,
+    EnsemblerServicer,
+    serve,
+)
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -91,7 +93,7 @@ class ZeroNets:
         return torch.zeros(self.num_nets, features.shape[0], FEATURE_DIM)
 
 
-def transport_only_server(num_nets: int) -> tuple[grpc.Server, int]:
+def transport_only_server(num_nets: int) -> EnsemblerServer:
     servicer = EnsemblerServicer(
         ZeroNets(num_nets),  # type: ignore[arg-type]
         (64, 16, 16),
@@ -99,18 +101,7 @@ def transport_only_server(num_nets: int) -> tuple[grpc.Server, int]:
         max_message_bytes=wire.DEFAULT_MAX_MESSAGE_BYTES,
         max_batch=DEFAULT_MAX_BATCH,
     )
-    limit = wire.DEFAULT_MAX_MESSAGE_BYTES
-    server = grpc.server(
-        futures.ThreadPoolExecutor(4),
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ],
-    )
-    pb_grpc.add_EnsemblerServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
+    return EnsemblerServer(servicer)
 
 
 def measure(num_nets: int, batch: int, repeats: int, device: torch.device) -> dict[str, float]:
@@ -125,10 +116,10 @@ def measure(num_nets: int, batch: int, repeats: int, device: torch.device) -> di
     }
     with tempfile.TemporaryDirectory() as tmp:
         bundle = save_server_bundle(ServerBundle(nets, (64, 16, 16), "bench"), Path(tmp) / "s.pt")
-        server, port = serve(bundle, device=str(device))
-    remote = RemoteEnsemble(f"127.0.0.1:{port}", timeout=600)
-    zero_server, zero_port = transport_only_server(num_nets)
-    zero_remote = RemoteEnsemble(f"127.0.0.1:{zero_port}", timeout=600)
+        server = serve(bundle, device=str(device))
+    remote = RemoteEnsemble(f"127.0.0.1:{server.port}", timeout=600)
+    zero_server = transport_only_server(num_nets)
+    zero_remote = RemoteEnsemble(f"127.0.0.1:{zero_server.port}", timeout=600)
     cases: dict[str, Callable[[], object]] = {
         name: (lambda r=runner: r(on_device)) for name, runner in runners.items()
     }

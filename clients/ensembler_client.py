@@ -1,6 +1,7 @@
 """The Ensembler client: head + noise locally, the N server nets remotely, selector + tail locally.
 
     python -m fedleak.clients.ensembler_client --bundle client.pt --server HOST:PORT --images 100
+        [--tls-ca ca.pem [--tls-server-name NAME] [--tls-cert cert.pem --tls-key key.pem]]
 
 classifies the first N CIFAR-10 test images and prints the accuracy. Only the noisy head
 features cross the wire; the selector secret and the tail stay in this process.
@@ -17,6 +18,9 @@ import grpc
 import torch
 from torch import Tensor
 
+from fedleak.clients.ensembler_tls import ClientTLS, explain
+from fedleak.clients.ensembler_tls import add_arguments as add_tls_arguments
+from fedleak.clients.ensembler_tls import from_args as tls_from_args
 from fedleak.models.ensembler import BundleError, ClientBundle, load_client_bundle
 from fedleak.proto import ensembler_pb2 as pb
 from fedleak.proto import ensembler_pb2_grpc as pb_grpc
@@ -32,9 +36,11 @@ class EnsemblerError(RuntimeError):
 
 
 class RemoteEnsemble:
-    """A connection to an Ensembler server. ``timeout`` is the deadline of each RPC, in seconds.
+    """A connection to an Ensembler server. ``timeout`` is the deadline of each RPC, in seconds;
+    ``tls``: plain text when None.
 
-    Nothing is retried: a failed call raises ``EnsemblerError`` with the gRPC status code.
+    Nothing is retried: a failed call raises ``EnsemblerError`` with the gRPC status code (a
+    failed TLS handshake fails the call at once, and the error says what was wrong).
     """
 
     def __init__(
@@ -43,17 +49,21 @@ class RemoteEnsemble:
         *,
         timeout: float = 30.0,
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        self.tls = tls
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            options += tls.channel_options()
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
         self._stub = pb_grpc.EnsemblerStub(self._channel)
         self._info: dict | None = None
 
@@ -70,6 +80,9 @@ class RemoteEnsemble:
         code = err.code() if isinstance(err, grpc.Call) else None
         details = err.details() if isinstance(err, grpc.Call) else str(err)
         name = code.name if code else "UNKNOWN"
+        hint = explain(details or "", self.tls) if code == grpc.StatusCode.UNAVAILABLE else None
+        if hint:
+            details = f"{hint} [gRPC: {details}]"
         return EnsemblerError(f"{self.address}: {method} failed: {name}: {details}", code)
 
     def describe(self) -> dict:
@@ -216,18 +229,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="dataset root (default: $FEDLEAK_DATA_ROOT)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each RPC (s)")
+    add_tls_arguments(p)
     args = p.parse_args(argv)
 
     from fedleak.data import load_dataset  # only the command line needs the datasets
     from fedleak.errors import FedleakError
 
     try:
+        tls = tls_from_args(args)
         bundle = load_client_bundle(args.bundle)
         test = load_dataset("cifar10", "test", args.data_root)
         images, labels = test.images[: args.images], test.labels[: args.images]
-        with RemoteEnsemble(args.server, timeout=args.timeout) as remote:
+        with RemoteEnsemble(args.server, timeout=args.timeout, tls=tls) as remote:
             logits = classify(bundle, remote, images, args.batch_size)
-    except (BundleError, FedleakError, EnsemblerError) as err:
+    except (BundleError, FedleakError, EnsemblerError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     correct = int((logits.argmax(1) == labels).sum())

@@ -16,7 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fedleak.clients import ensembler_tls  # flags only: no torch, no grpc at import
 from fedleak.errors import FedleakError
+from fedleak.server import ensembler_options
 from fedleak.settings import (
     dump_toml,
     load_ensembler,
@@ -139,10 +141,12 @@ def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--record", metavar="DIR", help="keep every received feature batch")
     serve.add_argument("--threads", type=int, default=1)
+    ensembler_options.add_arguments(serve)  # the service's limits and TLS
     classify = cmds.add_parser("classify", help="classify the preset's victim images remotely")
     preset_args(classify)
     classify.add_argument("--bundle", required=True, type=Path, help="client bundle")
     classify.add_argument("--server", required=True, help="HOST:PORT")
+    ensembler_tls.add_arguments(classify)
     attack = cmds.add_parser("attack", help="invert features a server recorded")
     preset_args(attack)
     attack.add_argument("--bundle", required=True, type=Path, help="server bundle")
@@ -342,7 +346,7 @@ def _ens_serve(args: argparse.Namespace) -> int:
     argv += ["--threads", str(args.threads)]
     if args.record:
         argv += ["--record", args.record]
-    return service_main(argv)
+    return service_main(argv + ensembler_options.to_argv(args))
 
 
 def _ens_classify(args: argparse.Namespace) -> int:
@@ -351,13 +355,17 @@ def _ens_classify(args: argparse.Namespace) -> int:
     from fedleak.ensembler.remote import classify_remote
 
     victims = load_splits(settings).victims
-    logits = classify_remote(
-        args.bundle,
-        args.server,
-        victims.images,
-        batch_size=settings.serve.batch_size,
-        timeout=settings.serve.timeout,
-    )
+    try:
+        logits = classify_remote(
+            args.bundle,
+            args.server,
+            victims.images,
+            batch_size=settings.serve.batch_size,
+            timeout=settings.serve.timeout,
+            tls=ensembler_tls.from_args(args),
+        )
+    except ValueError as err:  # unusable TLS files
+        raise FedleakError(str(err)) from None
     correct = int((logits.argmax(1) == victims.labels).sum())
     print(f"accuracy {correct / len(victims):.4f} ({correct}/{len(victims)})")
     return 0

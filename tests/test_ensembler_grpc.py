@@ -7,43 +7,25 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
+import ensembler_helpers as helpers
 import grpc
 import pytest
 import torch
+from ensembler_helpers import MAX_BATCH, REPO, SHAPE, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedleak.clients.ensembler_client import EnsemblerError, RemoteEnsemble, classify
 from fedleak.data import load_dataset
-from fedleak.models.ensembler import (
-    ClientBundle,
-    Head,
-    ServerBundle,
-    Tail,
-    gaussian_noise,
-    load_server_bundle,
-    save_client_bundle,
-    save_server_bundle,
-    server_net,
-)
 from fedleak.proto import ensembler_pb2 as pb
 from fedleak.proto import ensembler_pb2_grpc as pb_grpc
 from fedleak.proto import wire
 from fedleak.proto.generate import generate
-from fedleak.server.ensemble_runner import EnsembleRunner
 from fedleak.server.ensembler_service import SERVICE_NAME, ChunkValidator, load_recordings
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPE = (64, 16, 16)
-MAX_BATCH = 8
+bundles, reference = helpers.bundles, helpers.reference  # fixtures, used here by name
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -121,65 +103,13 @@ def test_validator_accepts_a_complete_request_and_names_the_problem():
 # --- a real server process --------------------------------------------------------------------
 
 
-def make_bundles(tmp: Path, num_nets: int = 2) -> tuple[Path, Path]:
-    torch.manual_seed(7)
-    nets = [server_net().eval() for _ in range(num_nets)]
-    server = save_server_bundle(ServerBundle(nets, SHAPE, "test-v1"), tmp / "server.pt")
-    client = ClientBundle(
-        Head().eval(),
-        gaussian_noise(SHAPE, 0.1, 1),
-        Tail(num_nets).eval(),
-        [1],
-        num_nets,
-        "test-v1",
-    )
-    return server, save_client_bundle(client, tmp / "client.pt")
-
-
-class ServerProcess:
-    def __init__(self, tmp: Path, bundle: Path) -> None:
-        self.port_file, self.record, self.log = tmp / "port", tmp / "record", tmp / "server.log"
-        cmd = [sys.executable, "-m", "fedleak.server.ensembler_service", "--bundle", str(bundle)]
-        cmd += ["--threads", "1", "--port-file", str(self.port_file), "--record", str(self.record)]
-        cmd += ["--max-batch", str(MAX_BATCH), "--device", "cpu"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with open(self.log, "wb") as log:  # a file, not a pipe: 500 rejections log 500 lines
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log)
-        deadline = time.monotonic() + 120
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"server did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
-        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> tuple[Path, Path]:
-    return make_bundles(tmp_path_factory.mktemp("bundles"))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundles):
-    proc = ServerProcess(tmp_path_factory.mktemp("server"), bundles[0])
+    # Every rejection logged: the malformed-request test reads them (the rate limit has its
+    # own test in test_ensembler_hostile.py).
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), bundles[0], "--log-burst", "10000")
     yield proc
-    assert proc.stop() == 0, "SIGTERM must stop the server cleanly"
-    assert "Traceback" not in proc.log.read_text(), proc.log.read_text()
-
-
-@pytest.fixture(scope="module")
-def reference(bundles) -> EnsembleRunner:
-    """The same nets in this process: what the server must answer."""
-    return EnsembleRunner(load_server_bundle(bundles[0]).nets, "cpu", mode="loop")
+    proc.stop_and_check()
 
 
 @pytest.mark.integration

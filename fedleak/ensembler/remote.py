@@ -14,15 +14,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fedleak.clients.ensembler_tls import ClientTLS
 from fedleak.errors import FedleakError
 from fedleak.models.ensembler import load_client_bundle
+from fedleak.server.ensembler_options import is_loopback
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,8 +46,10 @@ def server_process(
     threads: int = 1,
     device: str = "cpu",
     startup_timeout: float = 120.0,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
-    """Start the service on a free port (it writes the port to a file), stop it on exit."""
+    """Start the service on a free port (it writes the port to a file), stop it on exit.
+    ``extra_args``: more of the service's flags (limits, TLS)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     port_file = log.with_suffix(".port")
     port_file.unlink(missing_ok=True)
@@ -68,6 +72,9 @@ def server_process(
     ]
     if record_dir is not None:
         cmd += ["--record", str(record_dir)]
+    if not is_loopback(host):  # the experiment's own client talks plain text to it
+        cmd += ["--insecure"]
+    cmd += list(extra_args)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -108,13 +115,20 @@ def _stop(popen: subprocess.Popen, grace: float = 15.0) -> None:
 
 
 def classify_remote(
-    client_path: Path, address: str, images: Tensor, *, batch_size: int, timeout: float
+    client_path: Path,
+    address: str,
+    images: Tensor,
+    *,
+    batch_size: int,
+    timeout: float,
+    tls: ClientTLS | None = None,
 ) -> Tensor:
-    """The client's side: its bundle, the remote server nets, logits for ``images``."""
+    """The client's side: its bundle, the remote server nets, logits for ``images``; ``tls``:
+    plain text when None."""
     from fedleak.clients.ensembler_client import RemoteEnsemble, classify
 
     client = load_client_bundle(client_path)
-    with RemoteEnsemble(address, timeout=timeout) as remote:
+    with RemoteEnsemble(address, timeout=timeout, tls=tls) as remote:
         return classify(client, remote, images, batch_size)
 
 
