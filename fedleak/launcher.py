@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 
 import fedleak
+from fedleak.certs import NodeCredentials, ServerTLS, probe_tls
 from fedleak.config import participant_spec, to_node_config, to_run_config
 from fedleak.data import load_dataset
 from fedleak.errors import FedleakError
@@ -28,6 +29,7 @@ from fedleak.inversion_observer import InversionObserver
 from fedleak.models import model_dataset
 from fedleak.observer import AttackObserver
 from fedleak.processes import ProcessGroup, ensure_port_free, pick_ports, tail
+from fedleak.proxy import wait_https_healthy
 from fedleak.runfolder import RunFolder, now_iso
 
 CONNECTION = "fedleak"
@@ -99,15 +101,18 @@ def prepare(cfg: dict[str, Any]) -> tuple[RunFolder, dict[str, Any]]:
     return run, cfg
 
 
-def write_connection(run: RunFolder, port: int) -> None:
+def write_connection(
+    run: RunFolder, port: int, root_certificates: Path | None = None, host: str = "127.0.0.1"
+) -> None:
+    """The flwr CLI's connection: plain HTTP by default, TLS trusting `root_certificates`."""
     home = run.path / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    conf = {
-        "superlink": {
-            "default": CONNECTION,
-            CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True},
-        }
-    }
+    connection: dict[str, Any] = {"address": f"{host}:{port}"}
+    if root_certificates is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    conf = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
     (home / "config.toml").write_text(tomli_w.dumps(conf))
 
 
@@ -130,35 +135,82 @@ def wait_healthy(procs: ProcessGroup, port: int, timeout: float = 60.0) -> None:
     raise FedleakError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
 
-def start_superlink(procs: ProcessGroup, port: int, log_dir: Path, simulation: bool) -> None:
-    """A SuperLink on localhost whose one port serves SuperNodes, the CLI and the ServerApp."""
+def start_superlink(
+    procs: ProcessGroup,
+    port: int,
+    log_dir: Path,
+    simulation: bool,
+    tls: ServerTLS | None = None,
+    node_auth: bool = False,
+) -> None:
+    """A SuperLink on localhost whose one port serves SuperNodes, the CLI and the ServerApp.
+    With `tls` it serves HTTPS (its SuperExec dials 127.0.0.1, so the certificate must name
+    it); `node_auth` admits only SuperNodes whose keys `flwr supernode register` added."""
+    if node_auth and tls is None:
+        raise FedleakError("SuperNode authentication needs TLS: give the SuperLink a certificate")
+    if tls is None:
+        security = ["--insecure"]
+    else:
+        tls.check(host="127.0.0.1")
+        security = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        security += ["--ssl-ca-certfile", str(tls.ca)]
+    if node_auth:
+        security.append("--enable-supernode-auth")
     cmd = [
         "flower-superlink",
-        "--insecure",
+        *security,
         "--disable-runtime-dependency-installation",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
     ]
-    procs.start(
+    proc = procs.start(
         "superlink", cmd + (["--simulation"] if simulation else []), log_dir / "superlink.log"
     )
-    wait_healthy(procs, port)
+    if tls is None:
+        wait_healthy(procs, port)
+    else:
+        wait_https_healthy(proc, f"https://127.0.0.1:{port}/health", tls.ca)
 
 
 def start_supernode(
-    procs: ProcessGroup, superlink_port: int, port: int, node_config: str, name: str, log: Path
+    procs: ProcessGroup,
+    superlink_port: int,
+    port: int,
+    node_config: str,
+    name: str,
+    log: Path,
+    credentials: NodeCredentials | None = None,
+    superlink_host: str = "127.0.0.1",
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
 ) -> None:
+    """A SuperNode; with `credentials` it speaks TLS (trusting `credentials.ca`, or the system's
+    CAs when None) and signs in with `credentials.key`. Flower retries a SuperLink that does not
+    answer without limit unless `max_retries` / `max_wait_time` bound it."""
+    address = f"{superlink_host}:{superlink_port}"
+    security = ["--insecure"]
+    if credentials is not None:
+        credentials.check()
+        security = []
+        if credentials.ca is not None:
+            probe_tls(address, credentials.ca)  # a wrong CA fails here, naming the file
+            security += ["--root-certificates", str(credentials.ca)]
+        if credentials.key is not None:
+            security += ["--auth-supernode-private-key", str(credentials.key)]
+    retry = [] if max_retries is None else ["--max-retries", str(max_retries)]
+    retry += [] if max_wait_time is None else ["--max-wait-time", str(max_wait_time)]
     procs.start(
         name,
         [
             "flower-supernode",
-            "--insecure",
+            *security,
             "--superlink",
-            f"127.0.0.1:{superlink_port}",
+            address,
             "--port",
             str(port),
+            *retry,
             "--node-config",
             node_config,
         ],
