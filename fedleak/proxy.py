@@ -56,10 +56,14 @@ class ExperimenterSidecar:
     client_cert: Path
     client_key: Path
     ca: Path
+    # The name checked in the proxy's certificate; by default the host part of `remote`. nginx
+    # matches DNS names only, so when `remote` is an IP address give a DNS name the certificate
+    # carries (e.g. `superlink`).
+    server_name: str = ""
 
     @property
-    def server_name(self) -> str:
-        return split_address(self.remote)[0]
+    def verify_name(self) -> str:
+        return self.server_name or split_address(self.remote)[0]
 
 
 def _path(path: Path) -> str:
@@ -117,7 +121,7 @@ def render_experimenter_sidecar(sidecar: ExperimenterSidecar, prefix: Path) -> s
             "prefix": _path(prefix),
             "listen": sidecar.listen,
             "remote": sidecar.remote,
-            "server_name": sidecar.server_name,
+            "server_name": sidecar.verify_name,
             "client_cert": _path(sidecar.client_cert),
             "client_key": _path(sidecar.client_key),
             "ca": _path(sidecar.ca),
