@@ -176,7 +176,7 @@ def parse_hosts(text: str | Sequence[str]) -> list[str]:
         host = raw.strip().rstrip(".").lower()
         if not host:
             continue
-        if (ip := _ip(host)) is not None:
+        if (ip := ip_address_or_none(host)) is not None:
             host = str(ip)  # one spelling: [::1] and 0:0::1 are ::1
         elif not _is_dns_name(host):
             raise ConfigError(f"--hosts: {raw!r} is neither an IP address nor a DNS name")
@@ -187,7 +187,7 @@ def parse_hosts(text: str | Sequence[str]) -> list[str]:
     return hosts
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def ip_address_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -303,7 +303,8 @@ def _leaf(
     )
     if hosts:
         sans: list[x509.GeneralName] = [
-            x509.IPAddress(ip) if (ip := _ip(h)) is not None else x509.DNSName(h) for h in hosts
+            x509.IPAddress(ip) if (ip := ip_address_or_none(h)) is not None else x509.DNSName(h)
+            for h in hosts
         ]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return key, builder.sign(ca_key, hashes.SHA256())

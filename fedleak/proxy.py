@@ -10,18 +10,20 @@ whoever asks first. deploy/SECURITY.md has the measurements. The templates live 
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import socket
 import ssl
 import string
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedleak.certs import DEFAULT_CLIENTS, ServerTLS, split_address
+from fedleak.certs import DEFAULT_CLIENTS, Bundle, ServerTLS, ip_address_or_none, split_address
 from fedleak.errors import ConfigError, FedleakError
 from fedleak.processes import Proc, ProcessGroup, tail
 
@@ -99,13 +101,24 @@ def render_superlink_proxy(proxy: SuperLinkProxy, prefix: Path) -> str:
             "prefix": _path(prefix),
             "listen": proxy.listen,
             "upstream": proxy.upstream,
-            "upstream_name": proxy.upstream_name,
+            "upstream_name": _dns_name(proxy.upstream_name, "proxy upstream name"),
             "server_cert": _path(proxy.tls.cert),
             "server_key": _path(proxy.tls.key),
             "ca": _path(proxy.tls.ca),
             "control_map": allowed,
         },
     )
+
+
+def _dns_name(name: str, what: str) -> str:
+    # Measured with nginx 1.22: proxy_ssl_name 127.0.0.1 fails ("upstream SSL certificate does
+    # not match") even though the certificate carries that IP address.
+    if ip_address_or_none(name) is not None:
+        raise ConfigError(
+            f"{what} {name}: nginx verifies DNS names only; give a DNS name that the "
+            "certificate carries (fedleak certs always adds localhost and the --hosts names)"
+        )
+    return name
 
 
 def render_experimenter_sidecar(sidecar: ExperimenterSidecar, prefix: Path) -> str:
@@ -121,7 +134,7 @@ def render_experimenter_sidecar(sidecar: ExperimenterSidecar, prefix: Path) -> s
             "prefix": _path(prefix),
             "listen": sidecar.listen,
             "remote": sidecar.remote,
-            "server_name": sidecar.verify_name,
+            "server_name": _dns_name(sidecar.verify_name, "sidecar server name"),
             "client_cert": _path(sidecar.client_cert),
             "client_key": _path(sidecar.client_key),
             "ca": _path(sidecar.ca),
@@ -199,3 +212,55 @@ def _fail_if_exited(proc: Proc) -> None:
             f"{proc.name} exited (code {proc.popen.returncode}): "
             f"{tail(proc.log, 3) or 'see ' + str(proc.log)}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: render a configuration for a long-running nginx (a service, a container).
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedleak.proxy", description="Render the nginx configurations."
+    )
+    sub = parser.add_subparsers(dest="which", required=True)
+    link = sub.add_parser("superlink", help="the proxy in front of the SuperLink (server host)")
+    link.add_argument("--listen", default="0.0.0.0:9093", help="public HOST:PORT")
+    link.add_argument("--upstream", default="127.0.0.1:9091", help="the SuperLink's HOST:PORT")
+    link.add_argument("--control-clients", default=",".join(DEFAULT_CLIENTS))
+    side = sub.add_parser("sidecar", help="the experimenter's sidecar (experimenter's machine)")
+    side.add_argument("--listen", default="127.0.0.1:9095", help="loopback HOST:PORT for flwr")
+    side.add_argument("--remote", required=True, help="the proxy's HOST:PORT")
+    side.add_argument("--server-name", default="", help="DNS name to verify (default: host)")
+    side.add_argument("--client", default=DEFAULT_CLIENTS[0], help="client certificate name")
+    for p in (link, side):
+        p.add_argument("--certs", type=Path, required=True, help="folder from fedleak certs")
+        p.add_argument("--out", type=Path, required=True, help="nginx prefix folder to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    bundle = Bundle(args.certs)
+    try:
+        if args.which == "superlink":
+            clients = tuple(c.strip() for c in args.control_clients.split(",") if c.strip())
+            tls = ServerTLS.from_bundle(bundle.root)
+            tls.check()
+            proxy = SuperLinkProxy(args.listen, args.upstream, tls, clients)
+            config = render_superlink_proxy(proxy, args.out)
+        else:
+            cert, key = bundle.client(args.client)
+            sidecar = ExperimenterSidecar(
+                args.listen, args.remote, cert, key, bundle.ca, args.server_name
+            )
+            config = render_experimenter_sidecar(sidecar, args.out)
+        conf = write_config(config, args.out)
+    except FedleakError as err:
+        print(f"fedleak proxy: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {conf}; run: nginx -p {args.out} -c {conf} -e {args.out}/error.log")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

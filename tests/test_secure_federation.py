@@ -86,9 +86,9 @@ class Outcome:
     elapsed: float = 0.0
 
 
-def wait_exit(procs: ProcessGroup, name: str, limit: float) -> Probe:
+def wait_exit(procs: ProcessGroup, name: str, limit: float, started: float) -> Probe:
+    """Wait for a process that must give up by itself; `started` is when it was launched."""
     proc = next(p for p in procs.procs if p.name == name)
-    started = time.monotonic()
     try:
         code = proc.popen.wait(timeout=limit)
     except subprocess.TimeoutExpired:
@@ -204,6 +204,7 @@ def secure(tmp_path_factory, data_root) -> Outcome:
             register(env, bundle.node_public_key(i))
 
         logs = run.path / "logs"
+        probes_started = time.monotonic()
         start_supernode(
             procs,
             public,
@@ -228,8 +229,8 @@ def secure(tmp_path_factory, data_root) -> Outcome:
             max_retries=2,
             max_wait_time=20,
         )
-        intruder = wait_exit(procs, "intruder", PROBE_LIMIT)
-        no_ca = wait_exit(procs, "no-ca", PROBE_LIMIT)
+        intruder = wait_exit(procs, "intruder", PROBE_LIMIT, probes_started)
+        no_ca = wait_exit(procs, "no-ca", PROBE_LIMIT, probes_started)
 
         for i, port in enumerate((node0, node1)):
             spec = participant_spec(cfg, i) | {"index": i}
@@ -305,7 +306,8 @@ def secure(tmp_path_factory, data_root) -> Outcome:
     outcome.elapsed = time.monotonic() - started
     print(f"\nsecure federation: {outcome.elapsed:.0f} s in all, run {outcome.final_status}")
     for probe in (outcome.intruder, outcome.no_ca, *outcome.outsider.values()):
-        last = [ln for ln in probe.output.splitlines() if "403" in ln or "rror" in ln][-2:]
+        marks = ("403", "rror", "Failed")
+        last = [ln for ln in probe.output.splitlines() if any(m in ln for m in marks)][-2:]
         print(f"  {probe.what}: exit {probe.code} after {probe.seconds:.1f} s: {' | '.join(last)}")
     for what, code in outcome.http.items():
         print(f"  HTTP {what}: {code}")
@@ -426,3 +428,20 @@ def test_sidecar_must_listen_on_loopback(tmp_path):
     side = ExperimenterSidecar("0.0.0.0:9095", "localhost:9093", *b.client("experimenter"), b.ca)
     with pytest.raises(ConfigError, match="loopback only"):
         render_experimenter_sidecar(side, tmp_path / "s")
+    by_ip = ExperimenterSidecar("127.0.0.1:9095", "10.0.0.5:9093", *b.client("experimenter"), b.ca)
+    with pytest.raises(ConfigError, match="10.0.0.5: nginx verifies DNS names only"):
+        render_experimenter_sidecar(by_ip, tmp_path / "s")
+
+
+def test_proxy_command_line(tmp_path, capsys):
+    from fedleak import proxy
+
+    certs.generate(tmp_path / "c", "superlink", nodes=0)
+    args = ["--certs", str(tmp_path / "c"), "--out", str(tmp_path / "p")]
+    assert proxy.main(["superlink", "--upstream", "127.0.0.1:9091", *args]) == 0
+    assert "upstream fedleak_superlink" in (tmp_path / "p" / "nginx.conf").read_text()
+    assert f"run: nginx -p {tmp_path / 'p'}" in capsys.readouterr().out
+    side = ["--certs", str(tmp_path / "c"), "--out", str(tmp_path / "s")]
+    assert proxy.main(["sidecar", "--remote", "10.0.0.5:9093", *side]) == 2
+    assert "nginx verifies DNS names only" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "nginx.conf").exists()
