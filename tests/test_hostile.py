@@ -190,9 +190,7 @@ def test_a_frozen_participant_is_reported_not_ignored(tmp_path):
     missed = [m["round"] for m in metrics[1:] if m["participants"] < 2]
     assert missed, "the freeze cost no round: the test proves nothing"
     last = max(m["round"] for m in metrics)
-    back = any(
-        p["participant"] == 0 and p["last_round"] == last for p in meta["participation"]
-    )
+    back = any(p["participant"] == 0 and p["last_round"] == last for p in meta["participation"])
     # Either it came back (finished) or the run says who stopped taking part (degraded).
     if back:
         assert status == "finished"

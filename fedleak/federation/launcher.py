@@ -24,6 +24,7 @@ from pathlib import Path
 import tomli_w
 
 import fedleak
+from fedleak.certs import NodeCredentials, ServerTLS, probe_tls
 from fedleak.errors import FedleakError
 from fedleak.federation.collector import (
     ATTACKER_KINDS,
@@ -34,6 +35,7 @@ from fedleak.federation.collector import (
 )
 from fedleak.federation.console import Console
 from fedleak.federation.processes import ProcessGroup, ensure_port_free, pick_ports, tail
+from fedleak.federation.proxy import wait_https_healthy
 from fedleak.federation.scoring import Scoring
 from fedleak.federation.watchdog import start_watchdog, stop_watchdog
 from fedleak.inbox import INBOX
@@ -131,12 +133,30 @@ def wait_healthy(procs: ProcessGroup, port: int, timeout: float = 60.0) -> None:
 
 
 def start_superlink(
-    procs: ProcessGroup, port: int, log_dir: Path, simulation: bool, env: dict[str, str]
+    procs: ProcessGroup,
+    port: int,
+    log_dir: Path,
+    simulation: bool,
+    env: dict[str, str],
+    tls: ServerTLS | None = None,
+    node_auth: bool = False,
 ) -> None:
-    """A SuperLink on localhost whose one port serves SuperNodes, the CLI and the ServerApp."""
+    """A SuperLink on localhost whose one port serves SuperNodes, the CLI and the ServerApp.
+    With ``tls`` it serves HTTPS (its SuperExec dials 127.0.0.1, so the certificate must name
+    it); ``node_auth`` admits only SuperNodes whose keys `flwr supernode register` added."""
+    if node_auth and tls is None:
+        raise FedleakError("SuperNode authentication needs TLS: give the SuperLink a certificate")
+    if tls is None:
+        security = ["--insecure"]
+    else:
+        tls.check(host="127.0.0.1")
+        security = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        security += ["--ssl-ca-certfile", str(tls.ca)]
+    if node_auth:
+        security.append("--enable-supernode-auth")
     cmd = [
         "flower-superlink",
-        "--insecure",
+        *security,
         "--disable-runtime-dependency-installation",
         "--host",
         "127.0.0.1",
@@ -145,8 +165,11 @@ def start_superlink(
     ]
     if simulation:
         cmd.append("--simulation")
-    procs.start("superlink", cmd, log_dir / "superlink.log", env=env)
-    wait_healthy(procs, port)
+    proc = procs.start("superlink", cmd, log_dir / "superlink.log", env=env)
+    if tls is None:
+        wait_healthy(procs, port)
+    else:
+        wait_https_healthy(proc, f"https://127.0.0.1:{port}/health", tls.ca)
 
 
 def start_supernode(
@@ -157,18 +180,28 @@ def start_supernode(
     name: str,
     log: Path,
     env: dict[str, str],
+    credentials: NodeCredentials | None = None,
+    superlink_host: str = "127.0.0.1",
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
 ) -> None:
-    cmd = [
-        "flower-supernode",
-        "--insecure",
-        "--superlink",
-        f"127.0.0.1:{superlink_port}",
-        "--port",
-        str(port),
-        "--node-config",
-        node_config,
-    ]
-    procs.start(name, cmd, log, env=env)
+    """A SuperNode; with ``credentials`` it speaks TLS (trusting ``credentials.ca``, or the
+    system's CAs when None) and signs in with ``credentials.key``. Flower retries a SuperLink
+    that does not answer without limit unless ``max_retries`` / ``max_wait_time`` bound it."""
+    address = f"{superlink_host}:{superlink_port}"
+    security = ["--insecure"]
+    if credentials is not None:
+        credentials.check()
+        security = []
+        if credentials.ca is not None:
+            probe_tls(address, credentials.ca)  # a wrong CA fails here, naming the file
+            security += ["--root-certificates", str(credentials.ca)]
+        if credentials.key is not None:
+            security += ["--auth-supernode-private-key", str(credentials.key)]
+    retry = [] if max_retries is None else ["--max-retries", str(max_retries)]
+    retry += [] if max_wait_time is None else ["--max-wait-time", str(max_wait_time)]
+    cmd = ["flower-supernode", *security, "--superlink", address, "--port", str(port), *retry]
+    procs.start(name, [*cmd, "--node-config", node_config], log, env=env)
 
 
 def flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
