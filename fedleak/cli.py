@@ -110,6 +110,22 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out-dir", type=Path, default=Path("runs"), help="default: runs")
 
     _ensembler_parser(sub)
+    from fedleak import certs
+
+    certs.add_arguments(
+        sub.add_parser(
+            "certs",
+            help="make a CA, server certificates, client certificates and SuperNode keys for TLS "
+            "and node authentication (see deploy/SECURITY.md)",
+        )
+    )
+    proxy = sub.add_parser(
+        "proxy",
+        help="render the nginx proxy that guards a SuperLink, or the experimenter's sidecar "
+        "(`fedleak proxy superlink|sidecar --help`)",
+        add_help=False,
+    )
+    proxy.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -158,7 +174,12 @@ def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["proxy"]:  # its own command tree, options and all
+        from fedleak.federation import proxy
+
+        return proxy.main(argv[1:])
+    args = _parser().parse_args(argv)
     command = args.command if args.command != "ensembler" else f"ensembler {args.ensembler_command}"
     try:
         return COMMANDS[command](args)
@@ -414,7 +435,14 @@ def _ens_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedleak import certs
+
+    return certs.run_cli(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "certs": _certs,
     "run": _run,
     "config": _config,
     "presets": _presets,

@@ -82,12 +82,24 @@ def test_deployment_engine_two_rounds_honest_and_attacker(tmp_path):
     assert "finished" in html and "data:image/png;base64" in html
 
 
-def test_simulation_engine_same_app(tmp_path):
-    run = run_quietly(smoke(tmp_path, "run.engine=simulation", "run.rounds=2"))
+def test_simulation_engine_same_app_and_a_report_about_the_attackers_class(tmp_path):
+    """Setting only the attacker's target class makes the whole run about that class: the
+    victim-side cost, every score, the model-inversion baseline and the report."""
+    settings = smoke(
+        tmp_path, "run.engine=simulation", "run.rounds=2", "participants.1.target-class=3"
+    )
+    run = run_quietly(settings)
     meta = run.read_json("meta.json")
     assert meta["status"] == "finished"
-    assert [m["round"] for m in run.read_jsonl("metrics.jsonl")] == [0, 1, 2]
-    assert run.read_jsonl("attack.jsonl")
+    metrics = run.read_jsonl("metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert {v["target"] for m in metrics for v in m["victims"]} == {3}
+    attack = run.read_jsonl("attack.jsonl")
+    assert {a["variant"] for a in attack} == {"active", "model-inversion"}
+    assert {a["target"] for a in attack} == {3}
+    html = (run.path / "report.html").read_text()
+    assert "on class 3" in html and "class-3 test images" in html
+    assert "class 0" not in html and "class-0" not in html
     assert tagged_pids(meta["process_token"]) == []  # Ray and the simulation are gone too
     assert ray_processes() == []
 

@@ -429,7 +429,7 @@ def _follow(
     last_status_check = 0.0
     while True:
         time.sleep(1.0)
-        for record in scoring.poll():
+        for record in scoring.poll(budget=3.0):  # scoring must not keep the loop from its checks
             console.record(record)
         for proc in procs.newly_exited():
             if proc.name == "superlink":

@@ -221,7 +221,7 @@ def _fail_if_exited(proc: Proc) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fedleak.proxy", description="Render the nginx configurations."
+        prog="fedleak proxy", description="Render the nginx configurations."
     )
     sub = parser.add_subparsers(dest="which", required=True)
     link = sub.add_parser("superlink", help="the proxy in front of the SuperLink (server host)")

@@ -15,6 +15,7 @@ finite; :meth:`Scoring.verdict` turns that into the run's status.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final-model.pt"
 SCORED = "scored.txt"  # inbox files already turned into scores, one name a line
+# When the federation runs far ahead of the experimenter (tiny rounds on the Simulation Engine),
+# a round report with at least this many newer ones waiting is recorded but not evaluated, so the
+# scores stay near the present; the metrics line says so.
+BACKLOG = 4
 STRIP = 12  # samples per round in the report's progression strips
 
 
@@ -114,13 +119,17 @@ class Scoring:
 
     # --- the inbox -----------------------------------------------------------------------
 
-    def poll(self) -> list[Record]:
-        """Turn every inbox record not handled yet into scores; returns what it wrote (and
-        the server's status reports) for the console."""
+    def poll(self, budget: float | None = None) -> list[Record]:
+        """Turn inbox records not handled yet into scores, oldest first, for at most ``budget``
+        seconds (all of them without one); returns what it wrote (and the server's status
+        reports) for the console."""
+        started = time.monotonic()
         out: list[Record] = []
-        for path in inbox.entries(self.folder):
-            if path.name in self._done:
-                continue
+        pending = [p for p in inbox.entries(self.folder) if p.name not in self._done]
+        rounds = [p for p in pending if "-server-round-" in p.name]
+        for path in pending:
+            if budget is not None and time.monotonic() - started > budget:
+                break
             try:
                 envelope = inbox.read(path)
                 record = envelope.record()
@@ -129,7 +138,8 @@ class Scoring:
                 log.warning("skipping %s", err)
                 self._mark(path)
                 continue
-            out += self._handle(record, path.name)
+            newer = len(rounds) - 1 - rounds.index(path) if path in rounds else 0
+            out += self._handle(record, path.name, evaluate=newer < BACKLOG)
             self._mark(path)
         return out
 
@@ -138,7 +148,7 @@ class Scoring:
         with open(self.run.file(SCORED), "a", encoding="utf-8") as fh:
             fh.write(path.name + "\n")
 
-    def _handle(self, record: Record, source: str) -> list[Record]:
+    def _handle(self, record: Record, source: str, evaluate: bool = True) -> list[Record]:
         if isinstance(record, NodeReport):
             self.health.nodes[record.node] = record
             return [record]
@@ -146,7 +156,7 @@ class Scoring:
             self.health.server, self.health.server_message = record.state, record.message
             return [record]
         if isinstance(record, RoundReport):
-            return [self._round(record)]
+            return [self._round(record, evaluate)]
         if isinstance(record, SampleSet):
             return [self._samples(record, source)]
         if isinstance(record, ReconstructionReport):
@@ -155,7 +165,7 @@ class Scoring:
 
     # --- rounds --------------------------------------------------------------------------
 
-    def _round(self, report: RoundReport) -> RoundMetrics:
+    def _round(self, report: RoundReport, evaluate: bool = True) -> RoundMetrics:
         h = self.health
         h.last_round = max(h.last_round, report.round)
         for node in report.replied:
@@ -186,8 +196,11 @@ class Scoring:
         state = {k: torch.from_numpy(np.array(v)) for k, v in report.arrays.items()}
         finite = all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
         if state and finite:
-            self._model.load_state_dict(state)
-            self._evaluate(metrics)
+            if evaluate:
+                self._model.load_state_dict(state)
+                self._evaluate(metrics)
+            else:
+                metrics.extra["not_evaluated"] = 1.0  # the experimenter was rounds behind
             self._final = report.arrays
             atomic_torch_save(state, self.run.path / FINAL_MODEL)
         elif state:

@@ -125,11 +125,18 @@ def from_node_config(node: Mapping[str, Any], where: str = "node config") -> Nod
 
 def node_identity(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> NodeIdentity:
     """This node's identity: its own node config (Deployment Engine), else its entry in the run
-    config by partition id (Simulation Engine)."""
-    node = dict(node_config)
+    config by partition id (Simulation Engine). Parsed once per process, however many mods and
+    handlers ask."""
+    participants = str(run_config.get(PARTICIPANTS, "[]"))
+    return _node_identity(tuple(sorted(node_config.items())), participants)
+
+
+@lru_cache(maxsize=64)
+def _node_identity(node_items: tuple[tuple[str, Any], ...], participants: str) -> NodeIdentity:
+    node = dict(node_items)
     if INDEX in node or "role" in node:  # a node config of its own names its index too
         return from_node_config(node)
-    nodes = json.loads(str(run_config.get(PARTICIPANTS, "[]")) or "[]")
+    nodes = json.loads(participants or "[]")
     index = int(node.get(PARTITION_ID, -1))
     if not 0 <= index < len(nodes):
         raise ConfigError(
