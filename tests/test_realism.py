@@ -24,7 +24,13 @@ from fedleak.attacker.model_inversion import invert
 from fedleak.clients.training import local_sgd
 from fedleak.data import ImageSet, load_dataset
 from fedleak.metrics import realism
-from fedleak.metrics.attack import MEASURES, GeneratedScore, score_generated, score_samples
+from fedleak.metrics.attack import (
+    MEASURES,
+    GeneratedScore,
+    calibrate_realism,
+    score_generated,
+    score_samples,
+)
 from fedleak.metrics.realism import FrechetRealism, _Gaussian
 from fedleak.models import build_classifier, build_generator
 from fedleak.models.evaluator import cache_dir, get_evaluator
@@ -359,6 +365,23 @@ def test_calibration_is_cached_atomically_and_reused(
 
     monkeypatch.setattr(realism, "_draws", no_recalibration)
     assert _score(images, evaluator, train).to_dict() == first
+
+
+def test_calibrating_before_a_run_spares_the_first_scored_round(
+    mnist, evaluator, monkeypatch, tmp_path
+) -> None:
+    train, test = mnist
+    monkeypatch.setenv("FEDLEAK_CACHE_DIR", str(tmp_path))
+    calibration = calibrate_realism(N, target=0, evaluator=evaluator, reference=train)
+    assert calibration.size == N and calibration.method == "held-out"
+    assert calibration.real_p95 < calibration.threshold < calibration.nearest_fd
+
+    def no_recalibration(*args, **kwargs):
+        raise AssertionError("calibrated again despite calibrate_realism")
+
+    monkeypatch.setattr(realism, "_draws", no_recalibration)
+    s = _score(test.images[test.labels == 0][:N], evaluator, train)
+    assert s.fd_threshold == calibration.threshold
 
 
 def test_damaged_or_foreign_calibration_cache_is_recomputed(

@@ -20,7 +20,7 @@ from torch import nn
 
 from fedleak.data import ImageSet
 from fedleak.metrics.classification import logits
-from fedleak.metrics.realism import FrechetRealism
+from fedleak.metrics.realism import Calibration, FrechetRealism
 
 MAX_PER_CLASS = 2000  # reference images kept per class: bounds the cost on MNIST's 6000/class
 DIVERSITY_SAMPLE = 1000  # at most this many images enter each pairwise-distance mean
@@ -275,6 +275,38 @@ def _held_out(reference: ImageSet) -> ImageSet:
         ) from None
 
 
+def _reference(
+    reference: ImageSet, target: int, max_per_class: int | None, rng: torch.Generator
+) -> ImageSet:
+    """The reference subsampled per class with ``rng`` (seeded: the same images every call)."""
+    images = _as_batch(reference.images, "reference images")
+    ref, labels = _subsample_per_class(
+        images, torch.as_tensor(reference.labels), max_per_class, rng
+    )
+    if not (labels == target).any():
+        raise ValueError(f"reference set has no images of target class {target}")
+    return ImageSet(ref, labels, reference.classes, reference.name)
+
+
+def calibrate_realism(
+    num_images: int,
+    *,
+    target: int,
+    evaluator: nn.Module,
+    reference: ImageSet,
+    held_out: ImageSet | None = None,
+    max_per_class: int | None = MAX_PER_CLASS,
+) -> Calibration:
+    """The FD calibration that sets of ``num_images`` will be scored against, computed now
+    (or read from the cache): call it before a run so that the one-off cost (a few CPU seconds
+    on MNIST) does not land on the first scored round. Same arguments as :func:`score_samples`.
+    """
+    subsampled = _reference(reference, target, max_per_class, torch.Generator().manual_seed(SEED))
+    held = held_out if held_out is not None else _held_out(reference)
+    frechet = FrechetRealism(evaluator, subsampled, held, target)
+    return frechet.calibrate(max(2, frechet.size_for(num_images)))
+
+
 def score_samples(
     generated: torch.Tensor,
     *,
@@ -303,15 +335,11 @@ def score_samples(
     ``realism_threshold`` (None: off) additionally bounds ``nn_l2_median``. The reference is
     subsampled to ``max_per_class`` images per class with a fixed seed: scores are reproducible.
     """
-    ref_all = _as_batch(reference.images, "reference images")
-    gen = _check_generated(generated, ref_all)
     rng = torch.Generator().manual_seed(SEED)
-    ref, labels = _subsample_per_class(
-        ref_all, torch.as_tensor(reference.labels), max_per_class, rng
-    )
+    subsampled = _reference(reference, target, max_per_class, rng)
+    ref, labels = subsampled.images, subsampled.labels
+    gen = _check_generated(generated, ref)
     is_target = labels == target
-    if not is_target.any():
-        raise ValueError(f"reference set has no images of target class {target}")
 
     probs = logits(evaluator, gen).softmax(dim=1)
     if not 0 <= target < probs.shape[1]:
@@ -336,7 +364,6 @@ def score_samples(
         if real_spread > 0:
             diversity = _mean_pairwise(_sample(gen, n, rng)) / real_spread
 
-    subsampled = ImageSet(ref, labels, reference.classes, reference.name)
     held = held_out if held_out is not None else _held_out(reference)
     frechet = FrechetRealism(evaluator, subsampled, held, target).score(gen)
     return GeneratedScore(

@@ -287,8 +287,12 @@ class FrechetRealism:
         atomic_write_text(path, json.dumps(asdict(calibration), indent=1))
         return calibration
 
+    def size_for(self, num_images: int) -> int:
+        """How many images a set of ``num_images`` is scored (and calibrated) at."""
+        return min(num_images, self.cap)
+
     def score(self, generated: torch.Tensor) -> FrechetScore:
-        size = min(len(generated), self.cap)
+        size = self.size_for(len(generated))
         calibration = self.calibrate(max(size, 2))
         if size < 2:
             return FrechetScore(float("nan"), size, calibration)
