@@ -95,3 +95,13 @@ def test_training_is_seeded_and_leaves_caller_state(quick_faces, data_root) -> N
     assert torch.get_num_threads() == threads
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_embed_is_the_layer_the_classifier_reads() -> None:
+    torch.manual_seed(0)
+    net = EvaluatorNet(1, 32, 10).eval()
+    x = torch.randn(6, 1, 32, 32)
+    features = net.embed(x)
+    assert features.shape == (6, ev.FEATURE_DIM) and bool((features >= 0).all())  # after ReLU
+    # Dropout is off in eval mode, so the class layer applied to the features is the forward.
+    torch.testing.assert_close(net.classifier[-1](features), net(x))

@@ -21,6 +21,7 @@ from fedleak.runfolder import atomic_torch_save
 
 ARCH_VERSION = 1
 SEED = 1234
+FEATURE_DIM = 128  # width of the penultimate layer that ``EvaluatorNet.embed`` returns
 
 # Per dataset: epochs, batch size, Adam learning rate, augmentation (random shift, mirror).
 # MNIST: one epoch with per-step cosine decay reaches ~99.2% test accuracy. Faces have only 8
@@ -64,15 +65,20 @@ class EvaluatorNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(cin * size * size, 128),
-            nn.BatchNorm1d(128),
+            nn.Linear(cin * size * size, FEATURE_DIM),
+            nn.BatchNorm1d(FEATURE_DIM),
             nn.ReLU(inplace=True),
             nn.Dropout(0.3),
-            nn.Linear(128, num_classes),
+            nn.Linear(FEATURE_DIM, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer (after ReLU, before dropout and the class layer): the feature
+        space in which the realism score compares generated and real images."""
+        return self.classifier[:4](self.features(x))
 
 
 def cache_dir() -> Path:
