@@ -192,7 +192,7 @@ def test_report_on_complete_run_puts_the_verdict_first(tmp_path):
     assert html.index('id="verdict"') < html.index("<h2>")  # the verdict comes first
     assert 'class="attack-scores"' in html and "first success" in html
     assert "model inversion of the final model" in html
-    assert "closeness, not realism" in html  # measures labelled for what they are
+    assert "proximity, not realism" in html and "Fréchet distance" in html  # labelled
     assert "one per round" in html and "sawtooth" in html  # the protocol's effects explained
     assert "Round 0 is the initial" in html
     assert "participant 0 (honest)" in html

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Literal, TextIO
 
 from fedleak.records import GanScore, InversionScore, NodeReport, Record, RoundMetrics, StatusReport
+from fedleak.report.page import fmt
 
 Mode = Literal["text", "quiet", "json"]
 
@@ -68,12 +69,14 @@ class Console:
         if s.error:
             text = f"  attack {s.variant} round {s.round}: {s.error}"
         else:
-            g = s.measures.get
+            m = {
+                k: fmt(v, 2 if k in ("target_rate", "diversity") else 1)
+                for k, v in s.measures.items()
+            }
             text = (
-                f"  attack {s.variant:<7} round {s.round:>3}: target rate "
-                f"{g('target_rate', 0):.2f}, NN-L2 {g('nn_l2_median', 0):.1f}, SSIM target/other "
-                f"{g('nn_ssim_target', 0):.2f}/{g('nn_ssim_other', 0):.2f}, success "
-                f"{'yes' if s.success else 'no'}"
+                f"  {s.variant} attack, round {s.round}: evaluator rate {m.get('target_rate')}, "
+                f"FD {m.get('fd')} (threshold {m.get('fd_threshold')}), diversity "
+                f"{m.get('diversity')} -> {s.measures.get('verdict', 'no verdict')}"
             )
         self._emit("attack-score", text, **s.to_dict())
 

@@ -55,6 +55,7 @@ SCORED = "scored.txt"  # inbox files already turned into scores, one name a line
 # scores stay near the present; the metrics line says so.
 BACKLOG = 4
 STRIP = 12  # samples per round in the report's progression strips
+MODEL_INVERSION_IMAGES = 16  # reconstructions of the baseline, from independent starts
 
 
 @dataclass
@@ -87,19 +88,35 @@ class Scoring:
             set(run.file(SCORED).read_text().split()) if run.file(SCORED).exists() else set()
         )
         self._evaluator: torch.nn.Module | None = None
-        self._reference: ImageSet | None = None
-        self._test: ImageSet | None = None
+        self._reference: ImageSet | None = None  # the training split: what the victims hold
+        self._test: ImageSet | None = None  # held out: the evaluation and realism calibration
         self._model = build_classifier(settings.model.name, settings.model.num_classes)
         self._final: dict[str, np.ndarray] | None = None
 
     # --- ground truth, loaded once -------------------------------------------------------
 
     def prepare(self) -> None:
-        """Load the test set, and load (or train once and cache) the evaluator, before the
-        federation competes for the CPU with it."""
+        """Load the test set, load (or train once and cache) the evaluator and calibrate the
+        realism thresholds, before the federation competes for the CPU with them."""
+        from fedleak.metrics.attack import calibrate_realism
+
         self.test_set()
-        if self.settings.gan_targets():
-            self.evaluator()
+        targets = self.settings.gan_targets()
+        if not targets:
+            return
+        evaluator, reference = self.evaluator()
+        sizes = {self.settings.attack.num_samples}
+        if self.settings.eval.model_inversion:
+            sizes.add(MODEL_INVERSION_IMAGES)
+        for target in {t.target for t in targets}:
+            for size in sizes:
+                calibrate_realism(
+                    size,
+                    target=target,
+                    evaluator=evaluator,
+                    reference=reference,
+                    held_out=self.test_set(),
+                )
 
     def test_set(self) -> ImageSet:
         if self._test is None:
@@ -254,6 +271,7 @@ class Scoring:
                 target=target,
                 evaluator=evaluator,
                 reference=reference,
+                held_out=self.test_set(),
                 realism_threshold=self.realism_threshold,
             )
         except ValueError as err:  # e.g. a generator that diverged to NaN
@@ -287,6 +305,7 @@ class Scoring:
                 self._model,
                 t.target,
                 image_shape(self.settings.data.dataset),
+                num=MODEL_INVERSION_IMAGES,
                 steps=ev.mi_steps,
                 lr=ev.mi_lr,
                 seed=self.settings.run.seed,

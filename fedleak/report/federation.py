@@ -18,14 +18,15 @@ from fedleak.runfolder import ATTACK, CONFIG, INVERSION, META, METRICS, RunFolde
 # Inverting Gradients papers' examples of successful recovery sit above it).
 RECOVERED_DB = 30.0
 
-# What each GAN measure is, in the words the report uses (key, label, digits).
+# The GAN measures the table shows (key, digits); their labels are fedleak.metrics.attack's.
 GAN_MEASURES = (
-    ("target_rate", "evaluator: share classified as the target", 2),
-    ("target_confidence", "evaluator: mean confidence in the target", 2),
-    ("nn_l2_median", "median L2 to the nearest real image (closeness, not realism)", 1),
-    ("nn_ssim_target", "SSIM to nearest real image of the target class", 3),
-    ("nn_ssim_other", "SSIM to nearest real image of other classes", 3),
-    ("diversity", "diversity (pairwise spread / real images')", 3),
+    ("target_rate", 2),
+    ("fd", 1),
+    ("fd_threshold", 1),
+    ("diversity", 2),
+    ("nn_l2_median", 1),
+    ("nn_ssim_target", 3),
+    ("nn_ssim_other", 3),
 )
 VARIANTS = {"active": "active GAN attack", "passive": "passive GAN attack (no fakes injected)"}
 
@@ -72,8 +73,14 @@ def _best(scores: list[GanScore]) -> GanScore:
 def _gan_row(which: str, s: GanScore) -> list[str]:
     if s.error:
         return [which, str(s.round), s.error] + ["—"] * (len(GAN_MEASURES) - 1) + ["no"]
-    cells = [fmt(s.get(k), d) for k, _, d in GAN_MEASURES]
-    return [which, str(s.round), *cells, "yes" if s.success else "no"]
+    cells = [fmt(s.get(k), d) for k, d in GAN_MEASURES]
+    return [which, str(s.round), *cells, s.get("verdict") or ("yes" if s.success else "no")]
+
+
+def gan_header() -> list[str]:
+    from fedleak.metrics.attack import MEASURES
+
+    return ["which", "round"] + [MEASURES.get(k, k) for k, _ in GAN_MEASURES] + ["verdict"]
 
 
 def _gan_explanation(
@@ -90,11 +97,15 @@ def _gan_explanation(
         )
         text = (
             f"From round {best.round} on, the attacker's generator draws images that an "
-            f"independent classifier assigns to class {target} ({fmt(rate, 2)} of them) and that "
-            f"sit as close to real training images as real images do. The attacker never saw a "
-            f"single image of class {target}: it learned them from the shared model, which the "
-            "victim trained on its private data."
+            f"independent classifier assigns to class {target} ({fmt(rate, 2)} of them), whose "
+            f"distribution is as close to the victim's real class-{target} images as real held-"
+            f"out images are (Fréchet distance {fmt(best.get('fd'), 1)} ≤ "
+            f"{fmt(best.get('fd_threshold'), 1)}), and which vary like real images do. The "
+            f"attacker never saw a single image of class {target}: it learned them from the "
+            "shared model, which the victim trained on its private data."
         )
+        if best.get("fd_calibration"):
+            text += f" Threshold: {best.get('fd_calibration')}"
         return verdict, text
     verdict = f"{label}: no success in {len(scores)} scored sample set(s)"
     if rate is not None:
@@ -358,7 +369,7 @@ def write_federation_report(run: RunFolder) -> Path:
         verdicts=verdicts,
         notes=notes,
         gans=gans,
-        gan_header=["which", "round"] + [label for _, label, _ in GAN_MEASURES] + ["success"],
+        gan_header=gan_header() if gans else [],
         inversion=inversion,
         inversion_header=[
             "threat",

@@ -107,30 +107,28 @@ def _plot_attack(attack: list[dict], threshold: float | None, path: Path) -> Pat
     if not any(
         series(recs, k)[0]
         for recs in groups.values()
-        for k in ("target_rate", "nn_ssim_target", "nn_l2_median", "diversity")
+        for k in ("target_rate", "fd", "nn_l2_median", "diversity")
     ):
         return None
     fig = Figure(figsize=(11, 7), layout="constrained")
-    ax_rate, ax_ssim, ax_l2, ax_div = fig.subplots(2, 2, sharex=True).ravel()
+    ax_rate, ax_fd, ax_l2, ax_div = fig.subplots(2, 2, sharex=True).ravel()
     colors = [f"C{i}" for i in range(10)]
     for i, (variant, recs) in enumerate(groups.items()):
         c = colors[i % len(colors)]
         wins = [r for r in recs if r.get("success") is True]
         _line(ax_rate, series(recs, "target_rate"), variant, color=c)
         _line(ax_rate, series(wins, "target_rate"), f"{variant}: success", c, "*", ms=12, ls="")
-        _line(ax_ssim, series(recs, "nn_ssim_target"), f"{variant}: vs target class", c)
-        _line(
-            ax_ssim, series(recs, "nn_ssim_other"), f"{variant}: vs other classes", c, "x", ls="--"
-        )
+        _line(ax_fd, series(recs, "fd"), f"{variant}: FD", c)
+        _line(ax_fd, series(recs, "fd_threshold"), f"{variant}: threshold", c, "", ls="--")
         _line(ax_l2, series(recs, "nn_l2_median"), variant, c)
         _line(ax_div, series(recs, "diversity"), variant, c)
     if threshold is not None:
-        ax_l2.axhline(threshold, ls="--", color="k", lw=1, label=f"realism threshold {threshold:g}")
+        ax_l2.axhline(threshold, ls="--", color="k", lw=1, label=f"proximity bound {threshold:g}")
     ax_rate.set(title="evaluator: samples classified as the target", ylim=(-0.02, 1.02))
-    ax_ssim.set(title="SSIM to nearest real image (higher = closer)")
-    ax_l2.set(title="median L2 to nearest real image (lower = closer)")
+    ax_fd.set(title="Fréchet distance to real target images (below threshold = realistic)")
+    ax_l2.set(title="median L2 to nearest real image (proximity, not realism)")
     ax_div.set(title="sample diversity")
-    for ax in (ax_rate, ax_ssim, ax_l2, ax_div):
+    for ax in (ax_rate, ax_fd, ax_l2, ax_div):
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(loc="best", fontsize="x-small")
