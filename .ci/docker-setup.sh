@@ -126,13 +126,19 @@ if ((${#pip_args[@]})); then
   done
 fi
 say "image: building $IMAGE from $base"
-docker build --network host -f deploy/Dockerfile -t "$IMAGE" \
+previous=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+docker build --network host --force-rm -f deploy/Dockerfile -t "$IMAGE" \
   --build-arg "BASE_IMAGE=$base" "${pip_args[@]}" . >/var/tmp/fedleak-image-build.log 2>&1 || {
   say "error: docker build failed; last lines of /var/tmp/fedleak-image-build.log:" >&2
   tail -n 15 /var/tmp/fedleak-image-build.log >&2
   exit 1
 }
 cached=$(grep -c "Using cache" /var/tmp/fedleak-image-build.log || true)
+# The image the tag moved away from: only its own top layers (the source) are freed; a
+# container that still uses it keeps it.
+if [[ -n $previous && $previous != $(docker image inspect -f '{{.Id}}' "$IMAGE") ]]; then
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 done_step "image: built $IMAGE ($((size / 1000000)) MB, $cached steps from cache)"
 say "done in $((SECONDS - t0)) s"
