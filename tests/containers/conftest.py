@@ -21,7 +21,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,15 +232,21 @@ def compose(docker_client: Any) -> Iterator[Any]:
     assert not left, f"left behind after the test: {left}"
 
 
-@contextmanager
-def container(client: Any, image: str, **kwargs: Any) -> Iterator[Any]:
-    """A detached container (client.containers.run kwargs) that is removed on exit, always."""
-    labels = {**kwargs.pop("labels", {}), TEST_LABEL: "1"}
-    started = client.containers.run(image, detach=True, labels=labels, **kwargs)
-    try:
-        yield started
-    finally:
-        started.remove(force=True, v=True)
+@pytest.fixture
+def start_container(docker_client: Any) -> Iterator[Any]:
+    """start_container(image, **containers.run kwargs) -> a detached container, removed (with
+    its anonymous volumes) when the test ends, also when it fails."""
+    started: list[Any] = []
+
+    def start(image: str, **kwargs: Any) -> Any:
+        labels = {**kwargs.pop("labels", {}), TEST_LABEL: "1"}
+        c = docker_client.containers.run(image, detach=True, labels=labels, **kwargs)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.remove(force=True, v=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
