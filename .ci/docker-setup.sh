@@ -116,12 +116,17 @@ fi
 # loopback for the build, which runs with --network host to reach them.
 port=${FEDLEAK_PIP_PORT:-38451}
 mapfile -t pip_args < <(python3 .ci/pip_sources.py build-args --port "$port")
+port_answers() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 if ((${#pip_args[@]})); then
+  if port_answers; then  # else the build would fetch from whatever listens there
+    say "error: 127.0.0.1:$port is taken; set FEDLEAK_PIP_PORT to a free port" >&2
+    exit 1
+  fi
   python3 .ci/pip_sources.py serve --port "$port" &
   server=$!
   trap 'kill "$server" 2>/dev/null || true' EXIT
   for _ in $(seq 1 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    port_answers && break
     sleep 0.2
   done
 fi
