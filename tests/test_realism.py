@@ -21,7 +21,6 @@ from torch import nn
 
 from fedleak.attacker.gan import train_generator
 from fedleak.attacker.model_inversion import invert
-from fedleak.clients.training import local_sgd
 from fedleak.data import ImageSet, load_dataset
 from fedleak.metrics import realism
 from fedleak.metrics.attack import (
@@ -35,6 +34,7 @@ from fedleak.metrics.realism import FrechetRealism, _Gaussian
 from fedleak.models import build_classifier, build_generator
 from fedleak.models.evaluator import cache_dir, get_evaluator
 from fedleak.models.hitaj import sample_noise
+from fedleak.training import local_sgd
 
 N = 100  # the GAN attack's num-samples; it scores sets of 20-100
 
