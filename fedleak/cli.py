@@ -88,6 +88,25 @@ def _parser() -> argparse.ArgumentParser:
     remote.add_argument(
         "--root-certificates", default="", metavar="PEM", help="CA of the SuperLink's TLS"
     )
+    remote.add_argument(
+        "--control-cert",
+        nargs=2,
+        metavar=("CERT", "KEY"),
+        help="client certificate for a SuperLink behind `fedleak superlink --proxy`: the Control "
+        "API (flwr run/ls/stop) goes through a local nginx sidecar that presents it",
+    )
+    remote.add_argument(
+        "--collector-tls",
+        metavar="DIR",
+        default="",
+        help="serve the collector over TLS with DIR/services.crt and .key (a `fedleak certs` "
+        "folder); the roles then need FEDLEAK_REPORT_CA",
+    )
+    remote.add_argument(
+        "--register-keys",
+        metavar="DIR",
+        help="register every SuperNode public key (*.pub) in DIR before the run (node auth)",
+    )
 
     show = sub.add_parser("config", help="print a preset's resolved settings as TOML")
     show.add_argument("preset", nargs="?", default=DEFAULT_PRESET)
@@ -110,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out-dir", type=Path, default=Path("runs"), help="default: runs")
 
     _ensembler_parser(sub)
+    _deployment_parsers(sub)
     from fedleak import certs
 
     certs.add_arguments(
@@ -162,6 +182,9 @@ def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
     preset_args(classify)
     classify.add_argument("--bundle", required=True, type=Path, help="client bundle")
     classify.add_argument("--server", required=True, help="HOST:PORT")
+    classify.add_argument(
+        "--save-logits", type=Path, metavar="FILE", help="also save the logits (torch.save)"
+    )
     ensembler_tls.add_arguments(classify)
     attack = cmds.add_parser("attack", help="invert features a server recorded")
     preset_args(attack)
@@ -171,6 +194,50 @@ def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
     attack.add_argument(
         "--score", action="store_true", help="score against the preset's victim images"
     )
+
+
+def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
+    link = sub.add_parser(
+        "superlink",
+        help="run a SuperLink with fedleak's defaults (for containers and many machines)",
+    )
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
+    link.add_argument("--port", type=int, default=9093, help="its one port (9093)")
+    link.add_argument("--tls", metavar="DIR", default="", help="a `fedleak certs` folder")
+    link.add_argument("--node-auth", action="store_true", help="admit registered SuperNodes only")
+    link.add_argument(
+        "--proxy",
+        action="store_true",
+        help="guard the Control API: the SuperLink listens on loopback only and an nginx proxy "
+        "on --host:--port requires the experimenter's client certificate for flwr commands",
+    )
+    link.add_argument("--database", default="", help="persist state here (survives a restart)")
+
+    node = sub.add_parser(
+        "node",
+        help="run one participant's SuperNode against a SuperLink (containers, other machines)",
+    )
+    node.add_argument("preset", nargs="?", help="the preset this node belongs to")
+    node.add_argument("--participant", type=int, default=-1, help="its index in the preset")
+    _sets(node, "run.device=cuda")
+    node.add_argument(
+        "--enroll",
+        metavar="HOST:PORT",
+        help="ask the experimenter (`fedleak run --superlink`) who this node is instead",
+    )
+    node.add_argument("--role", choices=("honest", "attacker"), default="honest")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--node-root", default="fedleak-node", help="this node's own folder")
+    node.add_argument("--root-certificates", default="", metavar="PEM", help="CA for TLS")
+    node.add_argument("--auth-key", default="", metavar="KEY", help="its node-auth private key")
+    node.add_argument(
+        "--auth-key-dir",
+        default="",
+        metavar="DIR",
+        help="a folder of node keys (a `fedleak certs` nodes/ folder): use node-<participant>",
+    )
+    node.add_argument("--max-retries", type=int, help="give up after this many connection tries")
+    node.add_argument("--max-wait-time", type=float, help="give up after this many seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("FEDLEAK_DEBUG"):
             raise
         print(
-            f"fedleak: error: {type(err).__name__}: {err} (the run folder's meta.json has the "
-            "traceback; FEDLEAK_DEBUG=1 shows it here)",
+            f"fedleak: error: {type(err).__name__}: {err} (FEDLEAK_DEBUG=1 shows the traceback; "
+            "a run folder's meta.json keeps it too)",
             file=sys.stderr,
         )
         return 1
@@ -204,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = load_federation(args.preset, args.overrides)  # before any heavy import
+    # Against a remote SuperLink the participants are real SuperNodes: the Deployment Engine.
+    overrides = [*args.overrides, "run.engine=deployment"] if args.superlink else args.overrides
+    settings = load_federation(args.preset, overrides)  # before any heavy import
     from fedleak.federation.console import Console
     from fedleak.federation.launcher import Remote, launch
     from fedleak.reporting import TOKEN_ENV
@@ -225,6 +294,9 @@ def _run(args: argparse.Namespace) -> int:
             args.collector_address,
             args.root_certificates,
             token,
+            tuple(args.control_cert or ()),
+            args.register_keys or "",
+            args.collector_tls,
         )
     _, status = launch(settings, console, remote)
     return EXIT[status]
@@ -389,6 +461,10 @@ def _ens_classify(args: argparse.Namespace) -> int:
         raise FedleakError(str(err)) from None
     correct = int((logits.argmax(1) == victims.labels).sum())
     print(f"accuracy {correct / len(victims):.4f} ({correct}/{len(victims)})")
+    if args.save_logits:
+        from fedleak.runfolder import atomic_torch_save
+
+        print(atomic_torch_save(logits, args.save_logits))
     return 0
 
 
@@ -435,6 +511,85 @@ def _ens_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _superlink(args: argparse.Namespace) -> int:
+    from fedleak.federation.deployment import run_foreground, superlink_command
+
+    if not args.proxy:
+        cmd = superlink_command(args.host, args.port, args.tls, args.node_auth, args.database)
+        return run_foreground({"superlink": cmd})
+    if not args.tls:
+        raise FedleakError("--proxy needs --tls: the proxy presents the SuperLink's certificate")
+    from fedleak.certs import Bundle, Manifest, ServerTLS
+    from fedleak.federation.proxy import (
+        SuperLinkProxy,
+        nginx_binary,
+        render_superlink_proxy,
+        write_config,
+    )
+
+    inner = args.port + 1 if args.port < 65535 else args.port - 1
+    link = superlink_command("127.0.0.1", inner, args.tls, args.node_auth, args.database)
+    bundle = Bundle(Path(args.tls))
+    proxy = SuperLinkProxy(
+        listen=f"{args.host}:{args.port}",
+        upstream=f"127.0.0.1:{inner}",
+        tls=ServerTLS.from_bundle(bundle.root),
+        control_clients=tuple(Manifest.load(bundle.root).clients),
+    )
+    prefix = Path(os.environ.get("HOME", ".")) / "fedleak-proxy"
+    conf = write_config(render_superlink_proxy(proxy, prefix), prefix)
+    nginx = [nginx_binary(), "-p", str(prefix), "-c", str(conf), "-e", "/dev/stderr"]
+    return run_foreground({"superlink": link, "proxy": nginx})
+
+
+def _node(args: argparse.Namespace) -> int:
+    from fedleak.federation.deployment import (
+        NodeIdentityFile,
+        enroll,
+        supernode_command,
+        with_node_folders,
+    )
+    from fedleak.reporting import TOKEN_ENV
+    from fedleak.settings.flower import to_node_config
+
+    if args.enroll:
+        token = os.environ.get(TOKEN_ENV, "")
+        if not token:
+            raise FedleakError(f"--enroll needs {TOKEN_ENV}, the report token of the experiment")
+        folder = NodeIdentityFile(Path(args.node_root))
+        nonce = folder.nonce()
+        index, node = enroll(args.enroll, args.role, args.participant, token, nonce)
+        folder.save(nonce, index, node)
+    else:
+        if not args.preset or args.participant < 0:
+            raise FedleakError("name the preset and --participant I, or use --enroll HOST:PORT")
+        settings = load_federation(args.preset, args.overrides)
+        specs = settings.specs()
+        if args.participant >= len(specs):
+            raise FedleakError(f"{args.preset} has participants 0..{len(specs) - 1}")
+        node = to_node_config(specs[args.participant], settings.attack)
+    node = with_node_folders(node, str(Path(args.node_root).resolve()))
+    print(f"fedleak node: participant {node['index']} ({node['role']})", flush=True)
+    key = args.auth_key
+    if args.auth_key_dir:
+        key = str(Path(args.auth_key_dir) / f"node-{node['index']}")
+    if key:
+        from fedleak.certs import check_node_key
+
+        check_node_key(Path(key))  # a missing or foreign key fails here, naming the file
+    cmd = supernode_command(
+        node,
+        args.superlink,
+        args.root_certificates,
+        key,
+        args.max_retries,
+        args.max_wait_time,
+    )
+    from fedleak.federation.deployment import run_foreground
+
+    return run_foreground({"supernode": cmd})
+
+
 def _certs(args: argparse.Namespace) -> int:
     from fedleak import certs
 
@@ -443,6 +598,8 @@ def _certs(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "certs": _certs,
+    "superlink": _superlink,
+    "node": _node,
     "run": _run,
     "config": _config,
     "presets": _presets,

@@ -24,19 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64leak/proto/collector.proto\x12\x14\x66\x65\x64leak.collector.v1\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8c\x01\n\x06Record\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\trecord_id\x18\x04 \x01(\t\x12\x13\n\x0b\x66ields_json\x18\x05 \x01(\t\x12-\n\x07tensors\x18\x06 \x03(\x0b\x32\x1c.fedleak.collector.v1.Tensor\"/\n\x07Receipt\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32R\n\tCollector\x12\x45\n\x06Submit\x12\x1c.fedleak.collector.v1.Record\x1a\x1d.fedleak.collector.v1.Receiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64leak/proto/collector.proto\x12\x14\x66\x65\x64leak.collector.v1\"P\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bparticipant\x18\x03 \x01(\x05\x12\r\n\x05nonce\x18\x04 \x01(\t\";\n\nEnrollment\x12\x13\n\x0bparticipant\x18\x01 \x01(\x05\x12\x18\n\x10node_config_json\x18\x02 \x01(\t\"B\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8c\x01\n\x06Record\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\trecord_id\x18\x04 \x01(\t\x12\x13\n\x0b\x66ields_json\x18\x05 \x01(\t\x12-\n\x07tensors\x18\x06 \x03(\x0b\x32\x1c.fedleak.collector.v1.Tensor\"/\n\x07Receipt\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32\xa3\x01\n\tCollector\x12\x45\n\x06Submit\x12\x1c.fedleak.collector.v1.Record\x1a\x1d.fedleak.collector.v1.Receipt\x12O\n\x06\x45nroll\x12#.fedleak.collector.v1.EnrollRequest\x1a .fedleak.collector.v1.Enrollmentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedleak.proto.collector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSOR']._serialized_start=55
-  _globals['_TENSOR']._serialized_end=121
-  _globals['_RECORD']._serialized_start=124
-  _globals['_RECORD']._serialized_end=264
-  _globals['_RECEIPT']._serialized_start=266
-  _globals['_RECEIPT']._serialized_end=313
-  _globals['_COLLECTOR']._serialized_start=315
-  _globals['_COLLECTOR']._serialized_end=397
+  _globals['_ENROLLREQUEST']._serialized_start=55
+  _globals['_ENROLLREQUEST']._serialized_end=135
+  _globals['_ENROLLMENT']._serialized_start=137
+  _globals['_ENROLLMENT']._serialized_end=196
+  _globals['_TENSOR']._serialized_start=198
+  _globals['_TENSOR']._serialized_end=264
+  _globals['_RECORD']._serialized_start=267
+  _globals['_RECORD']._serialized_end=407
+  _globals['_RECEIPT']._serialized_start=409
+  _globals['_RECEIPT']._serialized_end=456
+  _globals['_COLLECTOR']._serialized_start=459
+  _globals['_COLLECTOR']._serialized_end=622
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class CollectorStub:
                 request_serializer=fedleak_dot_proto_dot_collector__pb2.Record.SerializeToString,
                 response_deserializer=fedleak_dot_proto_dot_collector__pb2.Receipt.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/fedleak.collector.v1.Collector/Enroll',
+                request_serializer=fedleak_dot_proto_dot_collector__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fedleak_dot_proto_dot_collector__pb2.Enrollment.FromString,
+                _registered_method=True)
 
 
 class CollectorServicer:
@@ -54,6 +59,17 @@ class CollectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """Ask the experimenter who this node is: a participant of the given role (or the given
+        index), and its node config (its private settings). Lets identical containers (`docker
+        compose up --scale honest=N`) take distinct participants. Idempotent per nonce: a node that
+        asks again gets the same participant. RESOURCE_EXHAUSTED once every participant of the role
+        is taken; NOT_FOUND for an index the experiment does not have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +77,11 @@ def add_CollectorServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=fedleak_dot_proto_dot_collector__pb2.Record.FromString,
                     response_serializer=fedleak_dot_proto_dot_collector__pb2.Receipt.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=fedleak_dot_proto_dot_collector__pb2.EnrollRequest.FromString,
+                    response_serializer=fedleak_dot_proto_dot_collector__pb2.Enrollment.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +111,33 @@ class Collector:
             '/fedleak.collector.v1.Collector/Submit',
             fedleak_dot_proto_dot_collector__pb2.Record.SerializeToString,
             fedleak_dot_proto_dot_collector__pb2.Receipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedleak.collector.v1.Collector/Enroll',
+            fedleak_dot_proto_dot_collector__pb2.EnrollRequest.SerializeToString,
+            fedleak_dot_proto_dot_collector__pb2.Enrollment.FromString,
             options,
             channel_credentials,
             insecure,

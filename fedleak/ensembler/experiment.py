@@ -77,17 +77,17 @@ def serve_and_classify(
         trained.server_path,
         record_dir,
         run.path / "logs" / f"server-{trained.defense}.log",
-        host=serve["host"],
+        host=serve.host,
         threads=cfg.threads,
         device=cfg.device,
-        startup_timeout=serve["startup-timeout"],
+        startup_timeout=serve.startup_timeout,
     ) as proc:
         logits = remote.classify_remote(
             trained.client_path,
             proc.address,
             splits.victims.images,
-            batch_size=serve["batch-size"],
-            timeout=serve["timeout"],
+            batch_size=serve.batch_size,
+            timeout=serve.timeout,
         )
     seconds = time.monotonic() - started
     accuracy = float((logits.argmax(1) == splits.victims.labels).float().mean())

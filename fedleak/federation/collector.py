@@ -47,6 +47,41 @@ class Grant:
         return kind in self.kinds and any(fnmatch.fnmatchcase(source, p) for p in self.sources)
 
 
+class Roster:
+    """Who is who in this experiment: enrollment hands each asking node a participant's node
+    config, the requested one or the next free one of its role, once per nonce."""
+
+    def __init__(self, nodes: list[dict], role_of: list[str]) -> None:
+        self.nodes = nodes  # node config per participant index
+        self.role_of = role_of
+        self.taken: dict[str, int] = {}  # nonce -> participant
+        self.lock = threading.Lock()
+
+    def enroll(self, role: str, wanted: int, nonce: str) -> int:
+        """The participant index for this node; KeyError / LookupError say why not."""
+        with self.lock:
+            if nonce in self.taken:
+                return self.taken[nonce]
+            if wanted >= 0:
+                if wanted >= len(self.nodes) or self.role_of[wanted] != role:
+                    raise KeyError(f"this experiment has no {role} participant {wanted}")
+                if wanted in self.taken.values():
+                    raise LookupError(f"participant {wanted} is already taken by another node")
+                index = wanted
+            else:
+                free = [
+                    i
+                    for i, r in enumerate(self.role_of)
+                    if r == role and i not in self.taken.values()
+                ]
+                if not free:
+                    total = self.role_of.count(role)
+                    raise LookupError(f"all {total} {role} participant(s) are taken")
+                index = free[0]
+            self.taken[nonce] = index
+            return index
+
+
 @dataclass
 class CollectorStats:
     """What the collector did; the launcher shows refusals to the user."""
@@ -58,9 +93,10 @@ class CollectorStats:
 
 
 class _Servicer(pb_grpc.CollectorServicer):
-    def __init__(self, folder: Path, tokens: dict[str, Grant]) -> None:
+    def __init__(self, folder: Path, tokens: dict[str, Grant], roster: Roster | None) -> None:
         self.folder = folder
         self.tokens = tokens
+        self.roster = roster
         self.stats = CollectorStats()
         self.lock = threading.Lock()
         self.seen = {p.stem.rsplit("-", 1)[-1] for p in inbox.entries(folder)}
@@ -90,6 +126,30 @@ class _Servicer(pb_grpc.CollectorServicer):
                 self.seen.add(envelope.record_id)
                 self.stats.stored += 1
         return pb.Receipt(record_id=request.record_id, duplicate=duplicate)
+
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.Enrollment:  # noqa: N802
+        grant = self.tokens.get(request.token)
+        if grant is None:
+            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "unknown report token")
+        if self.roster is None:
+            self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "no enrollment here")
+        if request.role not in ("honest", "attacker") or not request.nonce:
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "name a role and a nonce")
+        try:
+            index = self.roster.enroll(request.role, request.participant, request.nonce[:64])
+        except KeyError as err:
+            self._refuse(context, grpc.StatusCode.NOT_FOUND, str(err.args[0]))
+        except LookupError as err:
+            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        if not grant.allows(f"participant-{index}", "node"):
+            self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token may not speak for participant {index}",
+            )
+        node = json.dumps(self.roster.nodes[index])
+        log.info("enrolled a %s node as participant %d", request.role, index)
+        return pb.Enrollment(participant=index, node_config_json=node)
 
     @staticmethod
     def _envelope(request: pb.Record) -> inbox.Envelope:
@@ -134,10 +194,11 @@ class Collector:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: tuple[Path, Path] | None = None,
+        roster: Roster | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.servicer = _Servicer(self.folder, tokens)
+        self.servicer = _Servicer(self.folder, tokens, roster)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=4),
             options=[

@@ -1,6 +1,7 @@
 """What a federated run tells the person (or the script) that started it.
 
-Three modes: ``text`` (lines a person reads), ``quiet`` (warnings, the verdict and the report's
+Three modes: ``text`` (lines a person reads; on a terminal a live bar of the rounds with the
+elapsed time and an estimate of what is left), ``quiet`` (warnings, the verdict and the report's
 path only) and ``json`` (one JSON object a line: ``{"event": ..., ...}`` for scripts and CI).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, Literal, TextIO
 
 from fedleak.records import GanScore, InversionScore, NodeReport, Record, RoundMetrics, StatusReport
@@ -21,12 +23,51 @@ class Console:
         self.mode = mode
         self.out = out or sys.stdout
         self.rounds = rounds
+        self.started = time.monotonic()
+        self._bar = None  # a rich progress bar, once the rounds start, on a terminal only
+        self._task = None
 
     def _emit(self, event: str, text: str, important: bool = False, **data: Any) -> None:
         if self.mode == "json":
             print(json.dumps({"event": event, **data}, default=str), file=self.out, flush=True)
         elif self.mode == "text" or important:
-            print(text, file=self.out, flush=True)
+            if self._bar is not None:
+                self._bar.console.print(text, highlight=False, markup=False)
+            else:
+                print(text, file=self.out, flush=True)
+
+    def start_rounds(self) -> None:
+        """From here on a live bar shows the rounds (text mode, on a terminal)."""
+        if self.mode != "text" or not self.out.isatty() or self._bar is not None:
+            return
+        from rich.console import Console as RichConsole
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("left ~"),
+            TimeRemainingColumn(),
+            console=RichConsole(file=self.out),
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("rounds", total=self.rounds)
+
+    def stop_rounds(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
     def info(self, text: str) -> None:
         self._emit("info", f"fedleak: {text}", message=text)
@@ -54,6 +95,8 @@ class Console:
     def _round(self, m: RoundMetrics) -> None:
         if m.round == 0:
             return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=m.round)
         acc = "—" if m.test_accuracy is None else f"{m.test_accuracy:.3f}"
         line = f"round {m.round:>3}/{self.rounds}  test acc {acc}"
         if m.to_fake is not None:
@@ -96,5 +139,6 @@ class Console:
             self._emit("verdict", f"fedleak: {line}", important=True, message=line)
 
     def done(self, status: str, message: str, report: str) -> None:
+        self.stop_rounds()
         text = f"fedleak: {status}{': ' + message if message else ''}\nfedleak: report {report}"
         self._emit("done", text, important=True, status=status, message=message, report=report)

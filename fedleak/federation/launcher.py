@@ -32,6 +32,7 @@ from fedleak.federation.collector import (
     SERVER_KINDS,
     Collector,
     Grant,
+    Roster,
 )
 from fedleak.federation.console import Console
 from fedleak.federation.processes import ProcessGroup, ensure_port_free, pick_ports, tail
@@ -58,6 +59,9 @@ class Remote:
     collector_address: str = ""  # how the roles reach it; default: this host's name + port
     root_certificates: str = ""  # CA for the SuperLink's TLS ("" = insecure)
     token: str = ""  # the report token the roles were given (one shared token)
+    control_cert: tuple[str, ...] = ()  # (cert, key) for a SuperLink behind the nginx proxy
+    register_keys: str = ""  # a folder of SuperNode public keys to register (node auth)
+    collector_tls: str = ""  # a `fedleak certs` folder: serve the collector with its services cert
 
 
 def app_dir() -> Path:
@@ -298,6 +302,10 @@ def launch(
         console.info(f"run folder {run.path}")
         outcome.status, outcome.message = _federate(settings, run, console, remote)
     status = Status(run.read_json("meta.json", {}).get("status", outcome.status))
+    console.stop_rounds()
+    from fedleak.report.federation import verdict_lines
+
+    console.verdict([line for _, line in verdict_lines(run)] or ["no attack result was recorded"])
     console.done(status, outcome.message, str(result.get("report", run.path / "report.html")))
     return Path(str(result.get("report", run.path / "report.html"))), status
 
@@ -309,8 +317,13 @@ def _federate(
         node_root = str(run.path.resolve() / "participants")
         settings = _with_deployment(settings, node_root=node_root)
     grants, tokens = report_tokens(settings)
+    roster = None
     if remote is not None:
         grants = {remote.token: Grant(("server", "participant-*"), ALL_KINDS)}
+        specs = settings.specs()
+        roster = Roster(
+            [to_node_config(s, settings.attack) for s in specs], [s.role for s in specs]
+        )
     scoring = Scoring(run, settings)
     procs = ProcessGroup(flower_env(run))
     # If this process is killed (SIGKILL, a crash), the watchdog stops what it started.
@@ -322,18 +335,28 @@ def _federate(
         listen, address = remote.collector_listen, remote.collector_address
     host, _, port = listen.rpartition(":")
     try:
-        with Collector(run.path / INBOX, grants, host=host, port=int(port)) as collector:
+        tls = None
+        if remote is not None:
+            # Before the collector opens: nodes enroll through it, and a node whose key is not
+            # registered yet would be refused by the SuperLink.
+            _connect_remote(run, remote, procs, console)
+            if remote.collector_tls:
+                from fedleak.certs import SERVICES, Bundle
+
+                tls = Bundle(Path(remote.collector_tls)).server(SERVICES)
+        collector = Collector(
+            run.path / INBOX, grants, host=host, port=int(port), tls=tls, roster=roster
+        )
+        with collector:
             address = (
                 address or f"{'127.0.0.1' if remote is None else _hostname()}:{collector.port}"
             )
             settings = _with_deployment(settings, collector=address)
-            console.info("preparing the ground truth (test set, evaluator)")
-            scoring.prepare()
+            console.info("preparing the ground truth (test set, evaluator, realism thresholds)")
+            scoring.prepare(say=console.info)
             if remote is None:
                 superlink = _start_local(settings, run, procs, tokens, console)
                 write_connection(run, f"127.0.0.1:{superlink}")
-            else:
-                write_connection(run, remote.superlink, remote.root_certificates)
             run.write_meta(
                 processes={p.name: p.popen.pid for p in procs.procs},
                 process_token=procs.token,
@@ -343,8 +366,10 @@ def _federate(
             run.write_meta(flower_run_id=run_id)
             console.info(
                 f"{settings.run.engine} run {run_id} submitted ({settings.num_participants} "
-                f"participants, {settings.run.rounds} rounds)"
+                f"participants, {settings.run.rounds} rounds); the server waits for every "
+                f"SuperNode (up to run.startup-timeout = {settings.run.startup_timeout:.0f} s)"
             )
+            console.start_rounds()
             status, message = _follow(run, settings, procs, run_id, scoring, console)
             for record in scoring.poll():
                 console.record(record)
@@ -377,6 +402,59 @@ def _federate(
 def _with_deployment(settings: FederationSettings, **values: str) -> FederationSettings:
     deployment = settings.deployment.model_copy(update=values)
     return settings.model_copy(update={"deployment": deployment})
+
+
+def _connect_remote(run: RunFolder, remote: Remote, procs: ProcessGroup, console: Console) -> None:
+    """The flwr CLI's connection to a SuperLink someone else started: directly, or through a
+    local sidecar that presents the experimenter's client certificate to the SuperLink's proxy;
+    then wait until it answers and register the SuperNodes' keys."""
+    if remote.control_cert:
+        from fedleak.federation.proxy import (
+            ExperimenterSidecar,
+            render_experimenter_sidecar,
+            start_nginx,
+            wait_listening,
+        )
+
+        if not remote.root_certificates:
+            raise FedleakError("--control-cert needs --root-certificates (the proxy's CA)")
+        port = pick_ports(0, 1, "the experimenter's sidecar")[0]
+        cert, key = (Path(p) for p in remote.control_cert)
+        sidecar = ExperimenterSidecar(
+            f"127.0.0.1:{port}", remote.superlink, cert, key, Path(remote.root_certificates)
+        )
+        prefix = run.path / "sidecar"
+        proc = start_nginx(procs, "sidecar", render_experimenter_sidecar(sidecar, prefix), prefix)
+        wait_listening(proc, sidecar.listen)
+        write_connection(run, sidecar.listen)
+    else:
+        write_connection(run, remote.superlink, remote.root_certificates)
+    deadline, answer = time.monotonic() + 180, None
+    while time.monotonic() < deadline:
+        answer = flwr(procs.env, "ls", "--format", "json", timeout=60)
+        if _succeeded(answer):  # flwr ls exits 0 on a refusal too; its JSON says which
+            break
+        console.info(f"waiting for the SuperLink at {remote.superlink}")
+        time.sleep(3)
+    else:
+        said = (answer.stdout + answer.stderr).strip().splitlines()[-1:] if answer else []
+        raise FedleakError(
+            f"the SuperLink at {remote.superlink} did not answer within 180 s: "
+            f"{' '.join(said) or 'no reply'}"
+        )
+    for key in sorted(Path(remote.register_keys).glob("*.pub")) if remote.register_keys else []:
+        result = flwr(procs.env, "supernode", "register", str(key), CONNECTION, timeout=60)
+        if result.returncode != 0:
+            text = (result.stdout + result.stderr).strip().splitlines()[-1:]
+            raise FedleakError(f"cannot register {key}: {' '.join(text)}")
+        console.info(f"registered SuperNode key {key.name}")
+
+
+def _succeeded(result: subprocess.CompletedProcess) -> bool:
+    try:
+        return result.returncode == 0 and bool(json.loads(result.stdout).get("success"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _hostname() -> str:
@@ -427,10 +505,25 @@ def _follow(
 ) -> tuple[Status, str]:
     started = time.monotonic()
     last_status_check = 0.0
+    # The server reports every round; silence much longer than a round is a run that stalled
+    # (a SuperLink restarted under its ServerApp, a network gone) and is failed, not awaited.
+    run = settings.run
+    stall_limit = run.startup_timeout + 2 * run.round_timeout
+    last_heard = time.monotonic()
     while True:
         time.sleep(1.0)
-        for record in scoring.poll(budget=3.0):  # scoring must not keep the loop from its checks
+        records = scoring.poll(budget=3.0)  # scoring must not keep the loop from its checks
+        for record in records:
             console.record(record)
+        if records or scoring.folder_changed():
+            last_heard = time.monotonic()
+        elif time.monotonic() - last_heard > stall_limit:
+            flwr(procs.env, "stop", str(run_id), timeout=30)
+            return (
+                Status.FAILED,
+                f"no record from the federation for {stall_limit:.0f} s "
+                "(run.startup-timeout + 2 x run.round-timeout): it stalled",
+            )
         for proc in procs.newly_exited():
             if proc.name == "superlink":
                 return Status.FAILED, f"flower-superlink exited (code {proc.popen.returncode})"

@@ -48,7 +48,7 @@ def pick_ports(requested: int, count: int, what: str) -> list[int]:
 class Proc:
     name: str
     popen: subprocess.Popen
-    log: Path
+    log: Path | None
     reported_exit: bool = False
 
 
@@ -86,17 +86,19 @@ class ProcessGroup:
         self.env = {**self.env, TOKEN_VAR: self.token}
 
     def start(
-        self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None
+        self, name: str, cmd: list[str], log: Path | None, env: dict[str, str] | None = None
     ) -> Proc:
-        """Start ``cmd`` in a session of its own, output to ``log``; ``env`` adds to the
-        group's environment for this process only (e.g. its report token)."""
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        """Start ``cmd`` in a session of its own, output to ``log`` (None: this process's own
+        output, as a container's logs want); ``env`` adds to the group's environment for this
+        process only (e.g. its report token)."""
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as out:
             try:
                 popen = subprocess.Popen(
                     cmd,
                     stdout=out,
-                    stderr=subprocess.STDOUT,
+                    stderr=subprocess.STDOUT if out is not None else None,
                     stdin=subprocess.DEVNULL,
                     env={**self.env, **(env or {})},
                     start_new_session=True,
@@ -173,7 +175,9 @@ def _signal_group(popen: subprocess.Popen, sig: int) -> None:
         os.killpg(popen.pid, sig)
 
 
-def tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path | None, lines: int = 15) -> str:
+    if path is None:
+        return ""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,18 +93,25 @@ class Scoring:
         self._test: ImageSet | None = None  # held out: the evaluation and realism calibration
         self._model = build_classifier(settings.model.name, settings.model.num_classes)
         self._final: dict[str, np.ndarray] | None = None
+        self._seen_files = 0
 
     # --- ground truth, loaded once -------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, say: Callable[[str], None] = lambda text: None) -> None:
         """Load the test set, load (or train once and cache) the evaluator and calibrate the
         realism thresholds, before the federation competes for the CPU with them."""
         from fedleak.metrics.attack import calibrate_realism
+        from fedleak.models.evaluator import is_cached
 
         self.test_set()
         targets = self.settings.gan_targets()
         if not targets:
             return
+        if not is_cached(self.settings.data.dataset):
+            say(
+                "training the evaluator once (an independent classifier that scores the "
+                "attack; about a minute on 2 cores, cached for later runs)"
+            )
         evaluator, reference = self.evaluator()
         sizes = {self.settings.attack.num_samples}
         if self.settings.eval.model_inversion:
@@ -159,6 +167,12 @@ class Scoring:
             out += self._handle(record, path.name, evaluate=newer < BACKLOG)
             self._mark(path)
         return out
+
+    def folder_changed(self) -> bool:
+        """Whether records arrived since the last call (even ones not scored yet)."""
+        count = sum(1 for _ in self.folder.glob("*.npz")) if self.folder.exists() else 0
+        changed, self._seen_files = count != self._seen_files, count
+        return changed
 
     def _mark(self, path: Path) -> None:
         self._done.add(path.name)
@@ -333,25 +347,12 @@ class Scoring:
         return round_batch(spec, self.settings, todo)
 
     def _reconstruction(self, rec: ReconstructionReport, source: str) -> InversionScore:
+        # what the attacker said about its work carries over; the scores are computed here
+        said = {k: v for k, v in rec.to_dict().items() if k in InversionScore.__dataclass_fields__}
         score = InversionScore(
-            threat=rec.threat,
-            round=rec.round,
+            **said,
             source=source,
-            attacker=rec.attacker,
-            node=rec.node,
-            attack=rec.attack,
-            update=rec.update,
-            batch_size=rec.batch_size,
-            local_steps=rec.local_steps,
-            isolated=rec.isolated,
-            seconds=rec.seconds,
-            iterations=rec.iterations,
-            evaluations=rec.evaluations,
-            restart=rec.restart,
-            restart_losses=rec.restart_losses,
             loss_final=rec.loss_history[-1] if rec.loss_history else None,
-            error=rec.error,
-            device=rec.device,
         )
         if rec.error is None:
             self._score_reconstruction(rec, score)

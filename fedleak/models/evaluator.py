@@ -9,7 +9,6 @@ Trained once per dataset on the full train split and cached under ``cache_dir()/
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedleak.caches import cache_dir
 from fedleak.runfolder import atomic_torch_save
+
+__all__ = ["EvaluatorNet", "cache_dir", "get_evaluator", "is_cached"]
 
 ARCH_VERSION = 1
 SEED = 1234
@@ -81,10 +83,9 @@ class EvaluatorNet(nn.Module):
         return self.classifier[:4](self.features(x))
 
 
-def cache_dir() -> Path:
-    """Root of fedleak's caches: ``$FEDLEAK_CACHE_DIR`` or ``~/.cache/fedleak``."""
-    env = os.environ.get("FEDLEAK_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "fedleak"
+def is_cached(dataset: str) -> bool:
+    """Whether an evaluator for ``dataset`` is already trained and cached."""
+    return _cache_path(dataset).is_file()
 
 
 def _cache_path(dataset: str) -> Path:

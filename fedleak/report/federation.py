@@ -331,6 +331,21 @@ def protocol_note(config: dict) -> str:
     )
 
 
+def verdict_lines(run: RunFolder) -> list[tuple[bool, str]]:
+    """(succeeded, one line) per attack: what the terminal prints at the end, and the report's
+    verdict box."""
+    config = run.read_json(CONFIG, {})
+    config = config if isinstance(config, dict) else {}
+    lines = [(g.success, g.verdict) for g in gan_sections(run, config)]
+    for g in gan_sections(run, config):
+        if not g.success:
+            lines.append((False, f"  why: {g.explanation}"))
+    inversion = inversion_section(run)
+    if inversion:
+        lines += [(inversion.success, line) for line in inversion.verdict]
+    return lines
+
+
 def write_federation_report(run: RunFolder) -> Path:
     notes: list[str] = []
     try:

@@ -33,7 +33,7 @@ def test_ensembler_server_container_turns_healthy(
     tmp_path.chmod(0o755)
     command = [
         *("python", "-m", "fedleak.server.ensembler_service", "--bundle", "/bundle/server.pt"),
-        *("--host", "0.0.0.0", "--port", str(PORT), "--threads", "1"),
+        *("--host", "0.0.0.0", "--port", str(PORT), "--threads", "1", "--insecure"),
     ]
     healthcheck = {
         "test": ["CMD", *PROBE, "ensembler", str(PORT)],

@@ -1,0 +1,1 @@
+"""Flower's floor: a numpy-only FedAvg round (see ../pyproject.toml)."""
