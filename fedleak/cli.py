@@ -3,7 +3,7 @@
 Names and settings are validated before torch is imported (``fedleak.settings`` needs none of
 it), so a typo costs a fraction of a second. Exit codes: 0 finished (or stopped at its time
 budget), 1 failed, 2 bad input, 3 degraded (completed, but not everything its results rest on
-held), 130 interrupted.
+held), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from fedleak.clients import ensembler_tls  # flags only: no torch, no grpc at import
-from fedleak.errors import FedleakError
+from fedleak.errors import FedleakError, Terminated
 from fedleak.server import ensembler_options
 from fedleak.settings import (
     dump_toml,
@@ -248,11 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         return proxy.main(argv[1:])
     args = _parser().parse_args(argv)
     command = args.command if args.command != "ensembler" else f"ensembler {args.ensembler_command}"
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[command](args)
     except FedleakError as err:
         print(f"fedleak: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("fedleak: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fedleak: interrupted", file=sys.stderr)
         return 130
@@ -265,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 # --- federation ---------------------------------------------------------------------------------
@@ -514,6 +523,13 @@ def _ens_attack(args: argparse.Namespace) -> int:
 def _superlink(args: argparse.Namespace) -> int:
     from fedleak.federation.deployment import run_foreground, superlink_command
 
+    if not args.tls:
+        print(
+            "fedleak superlink: no TLS and no node authentication: whoever reaches port "
+            f"{args.port} can join as a participant and run, list or stop runs "
+            "(--tls DIR --node-auth --proxy closes that; deploy/SECURITY.md)",
+            file=sys.stderr,
+        )
     if not args.proxy:
         cmd = superlink_command(args.host, args.port, args.tls, args.node_auth, args.database)
         return run_foreground({"superlink": cmd})
@@ -573,10 +589,14 @@ def _node(args: argparse.Namespace) -> int:
     key = args.auth_key
     if args.auth_key_dir:
         key = str(Path(args.auth_key_dir) / f"node-{node['index']}")
-    if key:
-        from fedleak.certs import check_node_key
+    if key or args.root_certificates:
+        from fedleak.certs import NodeCredentials, probe_tls
 
-        check_node_key(Path(key))  # a missing or foreign key fails here, naming the file
+        ca = Path(args.root_certificates) if args.root_certificates else None
+        # A missing, expired or foreign file fails here, naming it, not in Flower's retry loop.
+        NodeCredentials(ca, Path(key) if key else None).check()
+        if ca is not None:
+            probe_tls(args.superlink, ca)  # a SuperLink not up yet is Flower's retry to wait for
     cmd = supernode_command(
         node,
         args.superlink,
@@ -587,7 +607,15 @@ def _node(args: argparse.Namespace) -> int:
     )
     from fedleak.federation.deployment import run_foreground
 
-    return run_foreground({"supernode": cmd})
+    code = run_foreground({"supernode": cmd})
+    if code:  # Flower's own message does not name the address
+        print(
+            f"fedleak node: the SuperNode ended (code {code}) without a run to finish: "
+            f"{args.superlink} refused it (node key not registered?) or could not be reached "
+            "within --max-retries/--max-wait-time; its log is above",
+            file=sys.stderr,
+        )
+    return code
 
 
 def _certs(args: argparse.Namespace) -> int:

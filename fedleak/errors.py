@@ -11,3 +11,8 @@ class ConfigError(FedleakError):
 
 class DataError(FedleakError):
     """A dataset file is missing or unreadable."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, compose ending a project, a batch scheduler): the command stops as
+    on Ctrl-C, so a run folder records that it was stopped and keeps what it wrote."""

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedleak.errors import Terminated
+
 CONFIG = "config.json"
 META = "meta.json"
 METRICS = "metrics.jsonl"
@@ -371,8 +373,9 @@ def open_run(
     started = time.monotonic()
     try:
         yield run, outcome
-    except KeyboardInterrupt:
-        outcome.status, outcome.message = Status.STOPPED, "stopped by Ctrl-C"
+    except KeyboardInterrupt as err:
+        how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+        outcome.status, outcome.message = Status.STOPPED, f"stopped by {how}"
         raise
     except BaseException as err:
         outcome.status, outcome.message = Status.FAILED, f"{type(err).__name__}: {err}"

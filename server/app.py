@@ -102,6 +102,10 @@ def main(grid: Grid, context: Context) -> None:
             timeout=settings.run.round_timeout,
             evaluate_fn=RoundReporter(strategy, reporter),
         )
+    except KeyboardInterrupt:  # Flower stops its ServerApp with a signal
+        message = "the ServerApp was stopped by a signal (its SuperLink stopped or restarted?)"
+        reporter.send(StatusReport(state="failed", message=message))
+        raise
     except BaseException as err:
         reporter.send(StatusReport(state="failed", message=f"{type(err).__name__}: {err}"))
         raise

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedleak import runfolder
+from fedleak.errors import Terminated
 from fedleak.runfolder import RunFolder
 
 
@@ -158,16 +159,21 @@ def test_lifecycle_records_a_finished_run_and_writes_the_report(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("error", "status"), [(RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "stopped")]
+    ("error", "status", "message"),
+    [
+        (RuntimeError("boom"), "failed", "RuntimeError: boom"),
+        (KeyboardInterrupt(), "stopped", "stopped by Ctrl-C"),
+        (Terminated(15), "stopped", "stopped by SIGTERM"),
+    ],
 )
-def test_lifecycle_records_how_a_run_ended_whatever_ends_it(tmp_path, error, status):
+def test_lifecycle_records_how_a_run_ended_whatever_ends_it(tmp_path, error, status, message):
     reports = []
     with pytest.raises(type(error)), _open(tmp_path, reports) as (run, _):
         raise error
     meta = run.read_json("meta.json")
-    assert meta["status"] == status and reports == [run.path]
+    assert meta["status"] == status and meta["message"] == message and reports == [run.path]
     if status == "failed":
-        assert meta["message"] == "RuntimeError: boom" and "Traceback" in meta["traceback"]
+        assert "Traceback" in meta["traceback"]
 
 
 def test_a_failing_report_does_not_hide_the_runs_outcome(tmp_path):

@@ -540,7 +540,11 @@ def _follow(
             if flower.startswith(FINISHED):
                 if flower.endswith("completed"):
                     return Status.FINISHED, ""
-                return Status.FAILED, f"Flower run status {flower}"
+                return (
+                    Status.FAILED,
+                    f"the ServerApp ended without finishing (Flower's run status: {flower}; "
+                    "its log: logs/serverapp.log)",
+                )
         if time.monotonic() - started > settings.run.max_wall_time:
             flwr(procs.env, "stop", str(run_id), timeout=30)
             return (

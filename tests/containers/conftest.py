@@ -184,6 +184,17 @@ class ComposeProject:
             check=False,
         )
 
+    def start(self, *args: str) -> None:
+        """`up --detach`: for tests that stop or restart containers mid-run. (`up
+        --exit-code-from` would end the whole project at the first container that stops,
+        a restart included.)"""
+        result = self.run("up", "--detach", "--no-build", *args, timeout=300)
+        assert result.returncode == 0, result.stdout[-4000:]
+
+    def wait(self, service: str, timeout: float) -> int:
+        """The exit code of the service's container, once it has ended."""
+        return int(self.container(service).wait(timeout=timeout)["StatusCode"])
+
     def container(self, service: str) -> Any:
         found = self.client.containers.list(all=True, filters=self._filter(service))
         if not found:
@@ -197,6 +208,9 @@ class ComposeProject:
         return {"label": labels}
 
     def down(self) -> None:
+        # The last lines of every service, for the report of a failed test (pytest shows a
+        # passing test's output to nobody).
+        print(self.run("logs", "--no-color", "--tail", "40", timeout=60).stdout[-12000:])
         self.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=180)
         # Whatever compose could not remove (a failed `up`, a killed compose), the SDK removes.
         for c in self.client.containers.list(all=True, filters=self._filter()):
