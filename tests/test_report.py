@@ -263,9 +263,25 @@ def test_report_of_a_gradient_inversion_run(tmp_path):
     html = write_report(run.path).read_text(encoding="utf-8")
     ((kind, text),) = _verdicts(html)
     assert kind == "success"
-    assert "reconstructed 1 private image(s)" in text and "46.9 dB" in text and "1/1" in text
+    assert "reconstructed 1/1 private image at" in text and "46.9 dB" in text
+    assert "labels 1/1" in text
     assert "no reconstruction could be scored (ValueError: boom)" in text
     assert "Round 1, adversarial client: private (top) vs reconstructed" in html
+
+
+def test_an_inversion_that_recovered_nothing_says_so_and_what_to_try(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.write_meta(status="finished", kind="federation")
+    for psnr in (12.5, 17.25):
+        score = InversionScore(
+            threat="server", round=1, node=7, attack="dlg", batch_size=4, psnr=psnr, ssim=0.2
+        )
+        run.append_jsonl("inversion.jsonl", score.to_dict())
+    html = write_report(run.path).read_text(encoding="utf-8")
+    ((kind, text),) = _verdicts(html)
+    assert kind != "success"
+    assert "no private image recovered: the best of 8 reached 17.2 dB" in text
+    assert "attack.inversion-restarts" in text
 
 
 def test_report_requires_existing_folder(tmp_path):

@@ -2,7 +2,8 @@
 
 Three modes: ``text`` (lines a person reads; on a terminal a live bar of the rounds with the
 elapsed time and an estimate of what is left), ``quiet`` (warnings, the verdict and the report's
-path only) and ``json`` (one JSON object a line: ``{"event": ..., ...}`` for scripts and CI).
+path only) and ``json`` (one JSON object a line: ``{"event": ..., "elapsed": seconds, ...}`` for scripts
+and CI).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class Console:
 
     def _emit(self, event: str, text: str, important: bool = False, **data: Any) -> None:
         if self.mode == "json":
-            print(json.dumps({"event": event, **data}, default=str), file=self.out, flush=True)
+            # elapsed: seconds since the command started, for scripts that time the stages
+            line = {"event": event, "elapsed": round(time.monotonic() - self.started, 2), **data}
+            print(json.dumps(line, default=str), file=self.out, flush=True)
         elif self.mode == "text" or important:
             if self._bar is not None:
                 self._bar.console.print(text, highlight=False, markup=False)

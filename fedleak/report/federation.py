@@ -214,12 +214,22 @@ def inversion_section(run: RunFolder) -> InversionSection | None:
         ok = [s for s in mine if s.psnr >= RECOVERED_DB]
         best = max(mine, key=lambda s: s.psnr)
         images = sum(s.batch_size for s in ok)
+        total = sum(s.batch_size for s in mine)
         labels = sum(round((s.label_accuracy or 0) * s.batch_size) for s in ok)
-        lines.append(
-            f"{label}: reconstructed {images} private image(s) from {len(ok)} of {len(mine)} "
-            f"observed update(s) at ≥ {RECOVERED_DB:g} dB (best PSNR {best.psnr:.1f} dB, SSIM "
-            f"{best.ssim:.3f}), labels {labels}/{images}."
-        )
+        if ok:
+            lines.append(
+                f"{label}: reconstructed {images}/{total} private image{'s' * (total > 1)} at "
+                f"≥ {RECOVERED_DB:g} dB (best PSNR {best.psnr:.1f} dB, SSIM {best.ssim:.3f}), "
+                f"labels {labels}/{images}: see the report."
+            )
+        else:
+            lines.append(
+                f"{label}: no private image recovered: the best of {total} reached "
+                f"{best.psnr:.1f} dB (< {RECOVERED_DB:g} dB, SSIM {best.ssim:.3f}). Larger "
+                "batches and more local steps make inversion harder; more restarts "
+                "(attack.inversion-restarts) or another attack (attack.inversion) may still "
+                "succeed."
+            )
         if threat == "client":
             explain.append(
                 f"The adversarial client took part like anyone else. From two consecutive global "
