@@ -47,5 +47,5 @@ def test_the_main_job_reconstructs_private_images_and_says_so(tmp_path):
         assert rec["psnr"] >= 30.0 and rec["label_accuracy"] == 1.0, rec
     assert (folder / "grids" / "inversion-client-round-0001.png").exists()
     html = (folder / "report.html").read_text()
-    assert "private (top) vs reconstructed" in html
+    assert "Private (top) and reconstructed (bottom) images" in html
     assert html.index("reconstructed 1/1") < html.index("Gradient inversion")  # verdict first

@@ -266,7 +266,8 @@ def test_report_of_a_gradient_inversion_run(tmp_path):
     assert "reconstructed 1/1 private image at" in text and "46.9 dB" in text
     assert "labels 1/1" in text
     assert "no reconstruction could be scored (ValueError: boom)" in text
-    assert "Round 1, adversarial client: private (top) vs reconstructed" in html
+    assert "Private (top) and reconstructed (bottom) images" in html
+    assert "<figcaption>Round 1, adversarial client</figcaption>" in html
 
 
 def test_an_inversion_that_recovered_nothing_says_so_and_what_to_try(tmp_path):

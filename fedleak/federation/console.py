@@ -2,8 +2,8 @@
 
 Three modes: ``text`` (lines a person reads; on a terminal a live bar of the rounds with the
 elapsed time and an estimate of what is left), ``quiet`` (warnings, the verdict and the report's
-path only) and ``json`` (one JSON object a line: ``{"event": ..., "elapsed": seconds, ...}`` for scripts
-and CI).
+path only) and ``json`` (one JSON object a line, ``{"event": ..., "elapsed": seconds, ...}``,
+for scripts and CI).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class InversionSection:
     verdict: list[str]
     success: bool
     explanation: str
+    header: list[str]
     rows: list[list[str]]
     figures: list[tuple[Path, str]] = field(default_factory=list)
 
@@ -220,7 +222,7 @@ def inversion_section(run: RunFolder) -> InversionSection | None:
             lines.append(
                 f"{label}: reconstructed {images}/{total} private image{'s' * (total > 1)} at "
                 f"≥ {RECOVERED_DB:g} dB (best PSNR {best.psnr:.1f} dB, SSIM {best.ssim:.3f}), "
-                f"labels {labels}/{images}: see the report."
+                f"labels {labels}/{images}."
             )
         else:
             lines.append(
@@ -246,40 +248,57 @@ def inversion_section(run: RunFolder) -> InversionSection | None:
     if scored:
         explain.append(
             f"PSNR is measured on [0, 1] images after matching each reconstruction to a private "
-            f"image; above {RECOVERED_DB:g} dB a reconstruction is a near-copy. The private "
-            "images were recomputed by the testbed from the seed; no role ever saw them."
+            f"image; above {RECOVERED_DB:g} dB a reconstruction is a near-copy. For scoring, the "
+            "experimenter recomputes the victims' private batches from the seed; no attacker "
+            "was given them."
         )
-    rows = []
-    for s in scores:
-        rows.append(
-            [
-                s.threat,
-                str(s.round),
-                "—" if s.node is None else str(s.node),
-                _against(s),
-                s.attack or "—",
-                f"{s.update or '—'} ×{s.local_steps}",
-                str(s.batch_size or "—"),
-                fmt(s.psnr, 1) if s.error is None else s.error[:120],
-                fmt(s.ssim, 3),
-                fmt(s.label_accuracy, 2),
-                fmt(s.iterations),
-                fmt(s.evaluations),
-                fmt(s.restart),
-                fmt(s.seconds, 0),
-            ]
-        )
+    header, rows = _inversion_table(scores)
+    who = {s.node: s.participant for s in scores if s.node is not None}
     figures = []
     for path in sorted((run.path / "grids").glob("inversion-*.png")):
         m = re.fullmatch(r"inversion-(client|server)-round-(\d+)(?:-node-(\d+))?", path.stem)
         if not m:
             continue
-        who = "adversarial client" if m[1] == "client" else f"curious server, node {m[3]}"
-        figures.append((path, f"Round {int(m[2])}, {who}: private (top) vs reconstructed"))
+        if m[1] == "client":
+            label = "adversarial client"
+        else:
+            victim = who.get(int(m[3])) if m[3] else None
+            against = f"node {m[3]}" if victim is None else f"participant {victim}"
+            label = f"curious server vs {against}"
+        figures.append((path, f"Round {int(m[2])}, {label}"))
     success = any(s.psnr >= RECOVERED_DB for s in scored)
     return InversionSection(
-        lines or ["No reconstruction was recorded."], success, " ".join(explain), rows, figures
+        lines or ["No reconstruction was recorded."],
+        success,
+        " ".join(explain),
+        header,
+        rows,
+        figures,
     )
+
+
+# (column, cell) of the inversion table; a column empty in every row is left out
+INVERSION_COLUMNS: list[tuple[str, Callable[[InversionScore], str]]] = [
+    ("threat", lambda s: s.threat),
+    ("round", lambda s: str(s.round)),
+    ("scored against", _against),
+    ("attack", lambda s: s.attack or "—"),
+    ("update", lambda s: f"{s.update or '—'} ×{s.local_steps}"),
+    ("images", lambda s: str(s.batch_size or "—")),
+    ("PSNR dB", lambda s: fmt(s.psnr, 1) if s.error is None else s.error[:120]),
+    ("SSIM", lambda s: fmt(s.ssim, 3)),
+    ("labels", lambda s: fmt(s.label_accuracy, 2)),
+    ("iterations", lambda s: fmt(s.iterations)),
+    ("gradient evals", lambda s: fmt(s.evaluations)),
+    ("chosen restart", lambda s: fmt(s.restart)),
+    ("seconds", lambda s: fmt(s.seconds, 0)),
+]
+
+
+def _inversion_table(scores: list[InversionScore]) -> tuple[list[str], list[list[str]]]:
+    cells = [[cell(s) for _, cell in INVERSION_COLUMNS] for s in scores]
+    keep = [i for i in range(len(INVERSION_COLUMNS)) if any(r[i] != "—" for r in cells)]
+    return [INVERSION_COLUMNS[i][0] for i in keep], [[r[i] for i in keep] for r in cells]
 
 
 # --- the shared model -------------------------------------------------------------------------
@@ -384,7 +403,8 @@ def write_federation_report(run: RunFolder) -> Path:
     plots = [
         (
             run.path / "plots" / "accuracy.png",
-            "Shared model per round: test accuracy and the victim-side cost",
+            "Shared model per round: test accuracy"
+            + (" and the victim-side cost (GAN attack)" if any(m.victims for m in metrics) else ""),
         ),
         (run.path / "plots" / "attack.png", "GAN attack scores per round (stars: successes)"),
     ]
@@ -396,22 +416,6 @@ def write_federation_report(run: RunFolder) -> Path:
         gans=gans,
         gan_header=gan_header() if gans else [],
         inversion=inversion,
-        inversion_header=[
-            "threat",
-            "round",
-            "node",
-            "scored against",
-            "attack",
-            "update",
-            "images",
-            "PSNR dB",
-            "SSIM",
-            "labels",
-            "iterations",
-            "gradient evals",
-            "chosen restart",
-            "seconds",
-        ],
         threats=THREATS,
         model_rows=model_rows(metrics),
         protocol_note=protocol_note(config),

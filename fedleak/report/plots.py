@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedleak.report.page import number
 from fedleak.runfolder import ATTACK, CONFIG, METRICS, RunFolder, atomic_write_bytes
@@ -84,6 +85,7 @@ def _plot_accuracy(metrics: list[dict], path: Path) -> Path | None:
             label="target-class test images classified as the fake class",
         )
     ax.set(xlabel="round", ylabel="fraction", ylim=(-0.02, 1.02), title="Shared model")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     return _save(fig, path)
@@ -136,6 +138,7 @@ def _plot_attack(attack: list[dict], threshold: float | None, path: Path) -> Pat
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     for ax in (ax_l2, ax_div):
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, path)
 
 
