@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from fedleak.attacker.inversion.labels import idlg_label, recover_labels
+from fedleak.attacker.inversion.labels import idlg_label, output_gradient, recover_labels
+from fedleak.attacker.inversion.lbfgs import BatchedLBFGS, LBFGSOptions
 from fedleak.attacker.inversion.objectives import TotalVariation, get_distance
 from fedleak.attacker.inversion.observation import Observation, sent_model, trainable
 
@@ -58,13 +59,36 @@ class InversionConfig:
     signed: bool = False  # Adam on the sign of the input gradient (Geiping et al.'s option)
     lbfgs_max_iter: int = 20
     lbfgs_history: int = 100
+    lbfgs_tolerance_grad: float = 1e-7  # torch's defaults (see lbfgs.py)
+    lbfgs_tolerance_change: float = 1e-9
+    lbfgs_curvature: float = 1e-10
+    line_search: Literal["none", "backtracking"] = "none"  # L-BFGS, per restart (lbfgs.py)
+    relative: bool = False  # divide the distance by the observed update's energy
+    seed: Literal["softmax", "observed", "rescaled", "auto"] = "softmax"  # see _Simulator
+    # Stopping (L-BFGS): a restart whose best objective over the last ``stall_window`` steps is
+    # not ``stall_tolerance`` (relative) below its best before them has converged (or is stuck)
+    # and stops; every ``prune_every`` steps the worse half of the restarts still running stop
+    # (ranked by objective, ground truth never enters). 0 turns either off.
+    stall_window: int = 0
+    stall_tolerance: float = 1e-2
+    prune_every: int = 0
     explode: float = 1e4
     max_resets: int = 2
 
 
 @dataclass
 class Reconstruction:
-    """The chosen restart's images and labels, and how the search went."""
+    """The chosen restart's images and labels, and the work the search did.
+
+    Per restart (index = restart id): ``per_restart_loss`` its final objective,
+    ``per_restart_iterations`` its optimiser steps (L-BFGS steps of up to ``lbfgs_max_iter``
+    inner iterations, or Adam steps), ``per_restart_evaluations`` how often the objective and
+    its input gradient were evaluated for it (each a simulated client gradient and its
+    derivative). ``iterations`` and ``loss_history`` are the chosen restart's (its objective
+    at every step), ``evaluations`` the total over all restarts, ``seconds`` the wall time of
+    the whole reconstruction. ``stopped`` says why the search ended: ``"budget"`` (every
+    restart ran its iterations), ``"callback"`` or ``"converged"`` (the stopping rule).
+    """
 
     images: Tensor
     labels: Tensor
@@ -75,13 +99,38 @@ class Reconstruction:
     restart: int = 0  # index of the chosen restart
     discarded: list[int] = field(default_factory=list)  # restarts that ended diverged
     resets: int = 0  # L-BFGS restarts started afresh after a divergence
+    evaluations: int = 0
+    per_restart_iterations: list[int] = field(default_factory=list)
+    per_restart_evaluations: list[int] = field(default_factory=list)
+    stopped: str = "budget"
+    seed: str = "softmax"  # the dL/dlogits the simulation backpropagated (see _Simulator)
 
 
 class _Simulator:
-    """The attacker's copy of the client computation and the per-restart objective."""
+    """The attacker's copy of the client computation and the per-restart objective.
+
+    ``seed`` is the gradient of the loss with respect to the logits that the simulated client
+    backpropagates: ``"softmax"`` the candidate's own ``p - y`` (the client's computation).
+    For one image under FedSGD the true ``p - y`` is observed (the classifier's bias gradient),
+    which allows two alternatives. ``"observed"`` backpropagates it as it is. ``"rescaled"``
+    keeps the candidate's direction but takes the observed size ``1 - p_c``: when the victim's
+    image is classified confidently, ``1 - p_c`` is tiny and changes exponentially with the
+    logit margin, so with the softmax seed the whole simulated update swings in scale with every
+    step and L-BFGS crawls along that stiff direction (two held-out CIFAR-10 images with update
+    norms near 0.5 stalled at 18-23 dB). At the true image every seed gives the true update.
+
+    ``relative`` divides the distance by the observed update's energy, so the objective's size
+    does not depend on how confident the model was on the victim's image.
+    """
 
     def __init__(
-        self, model: nn.Module, observation: Observation, config: InversionConfig, soft_labels: bool
+        self,
+        model: nn.Module,
+        observation: Observation,
+        config: InversionConfig,
+        soft_labels: bool,
+        seed: str = "softmax",
+        relative: bool = False,
     ) -> None:
         self.net = sent_model(model, observation)
         if self.net.training:
@@ -98,12 +147,29 @@ class _Simulator:
         self.target = [u.detach() for u in observation.update]
         self.obs = observation
         self.distance = get_distance(config.distance)
+        self.scale = 1.0
+        if relative:
+            energy = sum(float(t.double().pow(2).sum()) for t in self.target)
+            self.scale = 1.0 / max(energy, 1e-30)
         self.tv_weight = config.tv_weight
         self.tv = TotalVariation()
         self.soft_labels = soft_labels
+        self.seed_mode = seed
+        self.seed = output_gradient(observation) if seed != "softmax" else None
 
     def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(self.net, params, (x,)), y)
+        logits = functional_call(self.net, params, (x,))
+        if self.seed is None:
+            return F.cross_entropy(logits, y)
+        if self.seed_mode == "observed":
+            return (logits * self.seed).sum()  # its parameter gradient is J^T seed
+        # "rescaled": the direction comes from logits computed with the constant parameters,
+        # so it is a function of the candidate only and the parameter gradient is J^T seed.
+        free = functional_call(self.net, self.params, (x,))
+        others = free.masked_fill(y > 0.5, float("-inf"))  # y: the known one-hot label
+        direction = others.softmax(dim=-1) - y  # p_k / (1 - p_c) off the label, -1 on it
+        size = -(self.seed * y).sum(dim=-1, keepdim=True)  # observed 1 - p_c
+        return (logits * direction * size).sum()
 
     def update(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """The update the client would send for inputs ``x`` and label distributions ``y``."""
@@ -122,7 +188,7 @@ class _Simulator:
     def objective(self, x: Tensor, y: Tensor) -> Tensor:
         """One restart's loss: update distance plus the TV prior; ``x`` is B x C x H x W."""
         probs = y.softmax(dim=-1) if self.soft_labels else y
-        loss = self.distance(self.update(x, probs), self.target)
+        loss = self.scale * self.distance(self.update(x, probs), self.target)
         return loss + self.tv_weight * self.tv(x) if self.tv_weight else loss
 
     def losses(self, xs: Tensor, ys: Tensor, vectorized: bool) -> Tensor:
@@ -134,14 +200,20 @@ class _Simulator:
 
 @dataclass
 class _Run:
-    """State of the restarts optimised together (all of them, or one when sequential)."""
+    """What the restarts optimised together (all of them, or one when sequential) ended with.
+
+    ``history[r]`` is restart r's objective at every step of its last attempt.
+    """
 
     images: Tensor
     label_logits: Tensor
-    history: list[Tensor] = field(default_factory=list)
-    final: Tensor | None = None
-    diverged: Tensor | None = None  # (restarts,) bool: ended diverged
+    history: list[list[float]]
+    final: Tensor  # (restarts,) objective at the end
+    diverged: Tensor  # (restarts,) bool: ended diverged
+    iterations: Tensor  # (restarts,) steps taken (in the last attempt for L-BFGS)
+    evaluations: Tensor  # (restarts,) objective-and-gradient evaluations, all attempts
     resets: int = 0
+    stopped: str = "budget"
 
 
 class OptimizationAttack:
@@ -159,8 +231,34 @@ class OptimizationAttack:
             raise ValueError(
                 f"restarts_mode must be batched or sequential, got {self.config.restarts_mode!r}"
             )
+        if self.config.seed not in ("softmax", "observed", "rescaled", "auto"):
+            raise ValueError(
+                f"seed must be softmax, observed, rescaled or auto, got {self.config.seed!r}"
+            )
         if self.config.optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"unknown optimizer {self.config.optimizer!r} (adam or lbfgs)")
+        if self.config.relative and self.config.distance != "l2":
+            raise ValueError("relative applies to the l2 distance (cosine is scale-free already)")
+        stopping = self.config.stall_window or self.config.prune_every
+        if self.config.optimizer != "lbfgs" and stopping:
+            raise ValueError("stall_window and prune_every apply to L-BFGS attacks only")
+        if self.config.stall_window < 0 or self.config.prune_every < 0:
+            raise ValueError("stall_window and prune_every must be >= 0")
+        if self.config.restarts < 1 or self.config.iterations < 0:
+            raise ValueError("restarts must be >= 1 and iterations >= 0")
+        self._lbfgs_options()  # rejects a bad line search before any work
+
+    def _lbfgs_options(self) -> LBFGSOptions:
+        cfg = self.config
+        return LBFGSOptions(
+            lr=cfg.lr,
+            max_iter=cfg.lbfgs_max_iter,
+            history=cfg.lbfgs_history,
+            tolerance_grad=cfg.lbfgs_tolerance_grad,
+            tolerance_change=cfg.lbfgs_tolerance_change,
+            curvature_min=cfg.lbfgs_curvature,
+            line_search=cfg.line_search,
+        )
 
     def reconstruct(
         self,
@@ -189,43 +287,51 @@ class OptimizationAttack:
                 if b == 1
                 else recover_labels(model, observation, generator=gen, bounds=cfg.bounds)
             )
-        sim = _Simulator(model, observation, cfg, soft_labels=optimize_labels)
+        seed = self._seed(observation, optimize_labels)
+        sim = _Simulator(model, observation, cfg, optimize_labels, seed, cfg.relative)
 
         shape = (cfg.restarts, b, *observation.image_shape)
-        images0 = torch.randn(shape, generator=gen).to(device)
+        dtype = observation.update[0].dtype  # float64 observations are attacked in float64
+        images0 = torch.randn(shape, generator=gen).to(device, dtype)
         if optimize_labels:
-            label0 = torch.randn(cfg.restarts, b, k, generator=gen).to(device)
+            label0 = torch.randn(cfg.restarts, b, k, generator=gen).to(device, dtype)
         else:
-            label0 = F.one_hot(torch.as_tensor(labels).long(), k).float().to(device)
+            label0 = F.one_hot(torch.as_tensor(labels).long(), k).to(device, dtype)
             label0 = label0.expand(cfg.restarts, b, k).contiguous()
 
-        if cfg.optimizer == "lbfgs":
-            runs = [
-                self._lbfgs(
-                    sim, images0[r : r + 1], label0[r : r + 1], optimize_labels, gen, callback, r
-                )
-                for r in range(cfg.restarts)
-            ]
-        elif cfg.restarts_mode == "batched":
-            runs = [
-                self._adam(
-                    sim, images0, label0, optimize_labels, True, callback, list(range(cfg.restarts))
-                )
-            ]
-        else:
-            runs = [
-                self._adam(
-                    sim,
-                    images0[r : r + 1],
-                    label0[r : r + 1],
-                    optimize_labels,
-                    False,
-                    callback,
-                    [r],
-                )
-                for r in range(cfg.restarts)
-            ]
-        return self._choose(runs, optimize_labels, labels, time.perf_counter() - start)
+        run = self._lbfgs if cfg.optimizer == "lbfgs" else self._adam
+        if cfg.restarts_mode == "batched":
+            ids = list(range(cfg.restarts))
+            runs = [run(sim, images0, label0, optimize_labels, gen, callback, ids)]
+        else:  # one after another, for comparison: each alone is exactly its batched self
+            runs = []
+            for r in range(cfg.restarts):
+                one = slice(r, r + 1)
+                x0, y0 = images0[one], label0[one]
+                runs.append(run(sim, x0, y0, optimize_labels, gen, callback, [r]))
+                if runs[-1].stopped == "callback":
+                    break
+        result = self._choose(runs, optimize_labels, labels, time.perf_counter() - start)
+        result.seed = seed
+        return result
+
+    def _seed(self, observation: Observation, optimize_labels: bool) -> str:
+        """The dL/dlogits the simulation backpropagates; ``"auto"`` takes ``"rescaled"`` where
+        the output gradient is observed (FedSGD, one image, a classifier bias, known labels)."""
+        mode = self.config.seed
+        if mode == "softmax":
+            return mode
+        try:
+            output_gradient(observation)
+        except ValueError:
+            if mode == "auto":
+                return "softmax"
+            raise
+        if optimize_labels:
+            if mode == "auto":
+                return "softmax"
+            raise ValueError(f"seed {mode!r} needs known or recovered labels, not optimised ones")
+        return "rescaled" if mode == "auto" else mode
 
     # --- optimisers ----------------------------------------------------------------------
 
@@ -235,11 +341,12 @@ class OptimizationAttack:
         images0: Tensor,
         label0: Tensor,
         optimize_labels: bool,
-        vectorized: bool,
+        gen: torch.Generator,
         callback: Callback | None,
         ids: list[int],
     ) -> _Run:
         cfg = self.config
+        vectorized = cfg.restarts_mode == "batched"
         x = images0.clone().requires_grad_(True)
         y = label0.clone().requires_grad_(optimize_labels)
         variables = [x, y] if optimize_labels else [x]
@@ -249,8 +356,9 @@ class OptimizationAttack:
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         alive = torch.ones(len(x), dtype=torch.bool, device=x.device)
         good = [v.detach().clone() for v in variables]
-        run = _Run(x, y)
+        history: list[Tensor] = []
         first: Tensor | None = None
+        stopped = "budget"
         for step in range(n):
             opt.zero_grad(set_to_none=False)
             losses = sim.losses(x, y, vectorized)
@@ -274,14 +382,24 @@ class OptimizationAttack:
                     v[~ok] = g[~ok]  # roll diverged restarts back to their last good iterate
                     g[ok] = v[ok]
                     alive &= ok
-            run.history.append(losses.detach())
+            history.append(losses.detach())
             if callback is not None and callback(step, losses.detach(), x.detach(), ids):
+                stopped = "callback"
                 break
         with torch.no_grad():
-            run.final = sim.losses(x, y, vectorized).detach()
-        run.diverged = ~alive
-        run.images, run.label_logits = x.detach(), y.detach()
-        return run
+            final = sim.losses(x, y, vectorized).detach()
+        steps = len(history)
+        count = torch.full((len(ids),), steps, dtype=torch.long)
+        return _Run(
+            images=x.detach(),
+            label_logits=y.detach(),
+            history=torch.stack(history).T.tolist() if history else [[] for _ in ids],
+            final=final,
+            diverged=~alive,
+            iterations=count,
+            evaluations=count + 1,  # every step's evaluation and the final one
+            stopped=stopped,
+        )
 
     def _lbfgs(
         self,
@@ -291,71 +409,137 @@ class OptimizationAttack:
         optimize_labels: bool,
         gen: torch.Generator,
         callback: Callback | None,
-        restart: int,
+        ids: list[int],
     ) -> _Run:
-        cfg = self.config
-        for attempt in range(cfg.max_resets + 1):
-            if attempt:  # a fresh start after a divergence, drawn after all the initial ones
-                images0 = torch.randn(images0.shape, generator=gen).to(images0.device)
-                if optimize_labels:
-                    label0 = torch.randn(label0.shape, generator=gen).to(label0.device)
-            run, ok = self._lbfgs_attempt(sim, images0, label0, optimize_labels, callback, restart)
-            if ok:
-                break
-        run.diverged = torch.tensor([not ok], device=images0.device)
-        run.resets = attempt
-        run.history = run.history or [run.final]
-        return run
+        """L-BFGS on every restart at once (:class:`BatchedLBFGS`), each with its own state.
 
-    def _lbfgs_attempt(
-        self,
-        sim: _Simulator,
-        images0: Tensor,
-        label0: Tensor,
-        optimize_labels: bool,
-        callback: Callback | None,
-        restart: int,
-    ) -> tuple[_Run, bool]:
+        A restart whose objective turns non-finite or grows past ``explode`` times its first
+        value (or whose point stops being finite) is started afresh from a new random point,
+        with a fresh history and the full budget, up to ``max_resets`` times; after that it is
+        rolled back to its last good point and marked diverged.
+        """
         cfg = self.config
-        x = images0.clone().requires_grad_(True)
-        y = label0.clone().requires_grad_(optimize_labels)
-        variables = [x, y] if optimize_labels else [x]
-        opt = torch.optim.LBFGS(
-            variables, lr=cfg.lr, max_iter=cfg.lbfgs_max_iter, history_size=cfg.lbfgs_history
+        restarts = len(images0)
+        split = images0[0].numel()  # the flat point: images, then (DLG) the label logits
+        image_shape, label_shape = images0.shape[1:], label0.shape[1:]
+
+        def pack(x: Tensor, y: Tensor) -> Tensor:
+            parts = [x.flatten(1), y.flatten(1)] if optimize_labels else [x.flatten(1)]
+            return torch.cat(parts, dim=1)
+
+        def unpack(z: Tensor) -> tuple[Tensor, Tensor]:
+            x = z[:, :split].view(len(z), *image_shape)
+            if optimize_labels:
+                return x, z[:, split:].view(len(z), *label_shape)
+            return x, label0[:1].expand(len(z), *label_shape)  # known labels: the same for all
+
+        def objective(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            # Only the restarts still searching are simulated (a finished one costs nothing).
+            index = rows.nonzero().flatten()
+            losses = z.new_full((restarts,), float("nan"))
+            grads = torch.zeros_like(z)
+            if len(index):
+                with torch.enable_grad():
+                    sub = z[index].detach().requires_grad_(True)
+                    values = sim.losses(*unpack(sub), vectorized=True)
+                    (grad,) = torch.autograd.grad(values.sum(), sub)
+                losses[index], grads[index] = values.detach(), grad
+            return losses, grads
+
+        opt = BatchedLBFGS(pack(images0, label0), self._lbfgs_options())
+        device = images0.device
+        steps = torch.zeros(restarts, dtype=torch.long, device=device)
+        resets = torch.zeros(restarts, dtype=torch.long, device=device)
+        diverged = torch.zeros(restarts, dtype=torch.bool, device=device)
+        finished = torch.zeros(restarts, dtype=torch.bool, device=device)  # stalled or pruned
+        first = torch.full((restarts,), float("nan"), device=device)
+        latest = first.clone()  # each restart's objective at its last step
+        good = opt.x.clone()
+        history: list[list[float]] = [[] for _ in range(restarts)]
+        stopped, step = "budget", 0
+        while True:
+            active = ~diverged & ~finished & (steps < cfg.iterations)
+            if not active.any():
+                if finished.any() and (finished | diverged).all():
+                    stopped = "converged"
+                break
+            before = opt.step(objective, active)
+            first = torch.where(active & (steps == 0), before, first)
+            steps += active.long()
+            finite = torch.isfinite(opt.x).all(dim=1) & torch.isfinite(before)
+            bad = active & ~(finite & (before <= cfg.explode * first.abs()))
+            ok = active & ~bad
+            if cfg.clamp:
+                opt.x[:, :split] = opt.x[:, :split].clamp(*cfg.bounds)
+            good = torch.where(ok[:, None], opt.x, good)
+            latest = torch.where(ok, before, latest)
+            for r in ok.nonzero().flatten().tolist():
+                history[r].append(float(before[r]))
+            if bad.any():
+                self._reset(opt, bad, resets, steps, diverged, good, history, gen)
+            finished |= self._stopping(history, ok, step + 1, ~diverged & ~finished & ~bad)
+            images = opt.x[:, :split].view(restarts, *image_shape)  # shares the optimiser's point
+            if callback is not None and callback(step, latest, images, ids):
+                stopped = "callback"
+                break
+            step += 1
+        final, _ = objective(good, torch.ones(restarts, dtype=torch.bool, device=device))
+        x, y = unpack(good)
+        return _Run(
+            images=x.detach(),
+            label_logits=y.detach(),
+            history=history,
+            final=final,
+            diverged=diverged,
+            iterations=steps.cpu(),
+            evaluations=(opt.evaluations + 1).cpu(),  # and the final evaluation
+            resets=int(resets.sum()),
+            stopped=stopped,
         )
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = sim.losses(x, y, vectorized=False).sum()
-            loss.backward()
-            return loss
+    def _stopping(
+        self, history: list[list[float]], stepped: Tensor, step: int, running: Tensor
+    ) -> Tensor:
+        """Restarts that stop now: stalled ones, and at a pruning step the worse half."""
+        cfg = self.config
+        stop = torch.zeros_like(stepped)
+        w = cfg.stall_window
+        for r in stepped.nonzero().flatten().tolist():
+            losses = history[r]
+            if w and len(losses) > w:
+                stop[r] = min(losses[-w:]) > min(losses[:-w]) * (1 - cfg.stall_tolerance)
+        left = (running & ~stop).nonzero().flatten().tolist()
+        if cfg.prune_every and step % cfg.prune_every == 0 and len(left) > 1:
+            latest = [history[r][-1] if history[r] else float("inf") for r in left]
+            order = sorted(range(len(left)), key=lambda i: latest[i])
+            for i in order[(len(left) + 1) // 2 :]:
+                stop[left[i]] = True
+        return stop
 
-        run = _Run(x, y)
-        good = [v.detach().clone() for v in variables]
-        first: Tensor | None = None
-        ok = True
-        for step in range(cfg.iterations):
-            loss = opt.step(closure).detach().reshape(1)  # the loss before this step
-            first = loss if first is None else first
-            finite = all(bool(torch.isfinite(v).all()) for v in variables)
-            if not (finite and torch.isfinite(loss).all() and loss <= cfg.explode * first.abs()):
-                ok = False
-                break
-            if cfg.clamp:
-                with torch.no_grad():
-                    x.clamp_(*cfg.bounds)
-            run.history.append(loss)
-            with torch.no_grad():
-                for v, g in zip(variables, good, strict=True):
-                    g.copy_(v)
-            if callback is not None and callback(step, loss, x.detach(), [restart]):
-                break
-        with torch.no_grad():
-            for v, g in zip(variables, good, strict=True):
-                v.copy_(g)
-            run.final = sim.losses(x, y, vectorized=False).detach()
-        run.images, run.label_logits = x.detach(), y.detach()
-        return run, ok
+    def _reset(
+        self,
+        opt: BatchedLBFGS,
+        bad: Tensor,
+        resets: Tensor,
+        steps: Tensor,
+        diverged: Tensor,
+        good: Tensor,
+        history: list[list[float]],
+        gen: torch.Generator,
+    ) -> None:
+        """Fresh starts for the diverged restarts that have resets left; the others give up."""
+        fresh = bad & (resets < self.config.max_resets)
+        start = good.clone()
+        for r in fresh.nonzero().flatten().tolist():
+            # Drawn after all the initial starts, in restart order.
+            start[r] = torch.randn(good.shape[1], generator=gen).to(good)
+            history[r].clear()
+        opt.reset(fresh, start)
+        resets += fresh.long()
+        steps.masked_fill_(fresh, 0)
+        give_up = bad & ~fresh
+        diverged |= give_up
+        opt.x = torch.where(give_up[:, None], good, opt.x)  # its last good point
 
     # --- result --------------------------------------------------------------------------
 
@@ -366,22 +550,28 @@ class OptimizationAttack:
         discarded = torch.cat([r.diverged for r in runs]).cpu()
         images = torch.cat([r.images for r in runs])
         logits = torch.cat([r.label_logits for r in runs])
-        # Each run's history is a list of per-step (restarts in the run,) tensors.
-        histories = [column.tolist() for r in runs for column in torch.stack(r.history).T]
+        histories = [h for r in runs for h in r.history]
+        iterations = torch.cat([r.iterations for r in runs]).tolist()
+        evaluations = torch.cat([r.evaluations for r in runs]).tolist()
         score = torch.where(torch.isfinite(final), final, torch.full_like(final, float("inf")))
         score = torch.where(discarded, score + 1e30, score)  # discarded ones only as last resort
         best = int(score.argmin())
         chosen = logits[best].argmax(dim=-1) if optimize_labels else torch.as_tensor(labels)
+        stops = {r.stopped for r in runs}
         return Reconstruction(
             images=images[best].detach().cpu(),
             labels=chosen.long().cpu(),
             loss_history=histories[best],
             per_restart_loss=final.tolist(),
-            iterations=len(histories[best]),
+            iterations=iterations[best],
             seconds=seconds,
             restart=best,
             discarded=[i for i, d in enumerate(discarded.tolist()) if d],
             resets=sum(r.resets for r in runs),
+            evaluations=sum(evaluations),
+            per_restart_iterations=iterations,
+            per_restart_evaluations=evaluations,
+            stopped=next((s for s in ("callback", "converged") if s in stops), "budget"),
         )
 
 
@@ -405,10 +595,29 @@ class DLG(OptimizationAttack):
 
 class IDLG(DLG):
     """iDLG (Zhao et al., 2020): DLG with the label fixed by the closed form of ``labels.py``
-    (recover_labels beyond batch size 1)."""
+    (recover_labels beyond batch size 1), and an objective L-BFGS can finish on every image.
+
+    DLG's L2 distance is divided by the observed update's energy (``relative``), and with one
+    image under FedSGD the simulation backpropagates the observed size of ``p - y``
+    (``seed="auto"``, see ``_Simulator``). torch's L-BFGS thresholds are absolute and were
+    right for DLG's objective at its usual size (squared update norm ~10^3 on the sigmoid
+    LeNet), so on the relative objective they are 10^3 smaller. With the defaults, a victim
+    the model classifies confidently has an update energy near 0.25 and L-BFGS stopped
+    storing curvature pairs (``y.s < 1e-10``) long before the image converged. Measured on two
+    such held-out CIFAR-10 images (norms 0.52 and 0.46), 300 steps: 22.7 / 17.8 dB before,
+    55.4 / 49.4 dB now; images with usual norms are unchanged (53.2 / 42.0 dB vs 53.7 / 42.0).
+    """
 
     name = "idlg"
-    preset = replace(DLG.preset, labels="recover")
+    preset = replace(
+        DLG.preset,
+        labels="recover",
+        relative=True,
+        seed="auto",
+        lbfgs_tolerance_grad=1e-10,
+        lbfgs_tolerance_change=1e-12,
+        lbfgs_curvature=1e-13,
+    )
 
 
 class InvertingGradients(OptimizationAttack):

@@ -16,6 +16,13 @@ Small-input adaptations (CIFAR's 32x32 instead of ImageNet's 224x224):
   output). Its classifier has dropout 0.5: in train mode the update is random and no attack can
   reproduce the mask, so study it in eval mode. In train mode its last BatchNorms see 1x1 maps at
   75x75, so a batch of one fails there (the "needs two inputs" of the slides).
+
+Input convention: the project's images are in [-1, 1] (the data pipeline's range, and the range
+every attack optimises in). A network that expects another range gets an :class:`InputTransform`
+in front (``build_leakage_model(..., input=...)``): DLG's LeNet takes [0, 1] as in the paper's
+code (``input="unit"``), the torchvision networks the ImageNet normalisation. The transform is
+part of the model, so a client's gradient and an attacker's simulation of it see the same
+function, whichever side builds it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,37 @@ from torchvision.models.resnet import BasicBlock
 
 LEAKAGE_MODELS: tuple[str, ...] = ("lenet", "resnet18", "densenet121", "inception_v3")
 INCEPTION_MIN_SIZE = 75
+INPUTS: tuple[str, ...] = ("raw", "unit", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputTransform(nn.Module):
+    """Maps the project's [-1, 1] images to what a network expects; no parameters.
+
+    ``raw``: unchanged; ``unit``: [0, 1] (DLG's LeNet); ``imagenet``: [0, 1], then the
+    ImageNet mean and standard deviation (their channel mean for grey images).
+    """
+
+    def __init__(self, kind: str, channels: int = 3) -> None:
+        super().__init__()
+        if kind not in INPUTS:
+            raise ValueError(f"unknown input transform {kind!r} (known: {', '.join(INPUTS)})")
+        self.kind = kind
+        mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,)
+        std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,)
+        # Not persistent: the state dict holds only what training changes.
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "raw":
+            return x
+        unit = (x + 1) / 2
+        return unit if self.kind == "unit" else (unit - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 
 class SigmoidLeNet(nn.Module):
@@ -160,13 +198,22 @@ def swap_relu_for_sigmoid(model: nn.Module) -> nn.Module:
 
 
 def build_leakage_model(
-    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, sigmoid: bool = False
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    sigmoid: bool = False,
+    input: str | None = None,
 ) -> nn.Module:
     """A freshly initialised model of the leakage study, by name (see ``LEAKAGE_MODELS``).
 
     ``sigmoid=True`` swaps every ReLU for a Sigmoid. ``"lenet"`` is DLG's LeNet, whose
-    activations are sigmoids already, so the flag changes nothing for it.
+    activations are sigmoids already, so the flag changes nothing for it. ``input`` (one of
+    ``INPUTS``) puts an :class:`InputTransform` in front: ``nn.Sequential(transform, network)``,
+    fed [-1, 1] images; ``None`` returns the bare network.
     """
+    if input is not None and input not in INPUTS:
+        raise ValueError(f"unknown input transform {input!r} (known: {', '.join(INPUTS)})")
     if name == "lenet":
         model: nn.Module = SigmoidLeNet(num_classes, in_channels, image_size)
     elif name == "resnet18":
@@ -177,4 +224,16 @@ def build_leakage_model(
         model = _inception_v3(num_classes, in_channels, image_size)
     else:
         raise ValueError(f"unknown leakage model {name!r} (known: {', '.join(LEAKAGE_MODELS)})")
-    return swap_relu_for_sigmoid(model) if sigmoid else model
+    model = swap_relu_for_sigmoid(model) if sigmoid else model
+    if input is None:
+        return model
+    return nn.Sequential(InputTransform(input, in_channels), model)
+
+
+def dlg_lenet(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    """DLG's LeNet as the paper feeds it: [0, 1] inputs, here behind the [-1, 1] -> [0, 1] map.
+
+    The federation's ``dlg-lenet`` and the studies build it here, so for the same weights and
+    image they compute the same gradient.
+    """
+    return build_leakage_model("lenet", num_classes, in_channels, image_size, input="unit")

@@ -34,7 +34,7 @@ from fedleak.attacker.inversion.objectives import DISTANCES
 from fedleak.clients.defenses import apply_defenses, global_norm, parse_defenses
 from fedleak.data import load_dataset
 from fedleak.metrics.images import score_batch
-from fedleak.models.leakage import SigmoidLeNet
+from fedleak.models.leakage import dlg_lenet
 from fedleak.report.grids import save_comparison_grid
 from fedleak.runfolder import RunFolder
 from fedleak.studies import write_results
@@ -257,7 +257,7 @@ def run(cfg: dict[str, Any], run: RunFolder) -> dict[str, Any]:
     dataset = load_dataset(data["dataset"], data["split"], data["root"] or None)
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
-    model = SigmoidLeNet(len(dataset.classes))
+    model = dlg_lenet(len(dataset.classes))  # the federation's dlg-lenet, [0, 1] input
     rows: list[dict] = []
     lines: dict[Setting, dict] = {}
     for k, setting in enumerate(settings, 1):
