@@ -27,6 +27,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedleak.attacker.inversion import Observation, get_attack
+from fedleak.attacker.inversion.attacks import Callback
 from fedleak.runfolder import atomic_torch_save
 
 
@@ -174,13 +175,14 @@ def invert(
     restarts: int = 0,
     seed: int = 0,
     threads: int = 1,
+    callback: Callback | None = None,
 ) -> dict[str, Any]:
     """Run the named attack; returns what is saved (images in the data range, labels, curves,
     and the work done: ``WORK_FIELDS`` and ``seconds``, the wall time).
 
     ``threads``: torch threads while it runs. One by default: the roles share their machine
     with the federation's other processes, and oversubscribed threads cost far more than they
-    bring for a model this small.
+    bring for a model this small. ``callback`` is the attack's (benchmarks watch it).
     """
     overrides = stopping_for(attack)
     if iterations > 0:
@@ -194,7 +196,7 @@ def invert(
     torch.set_num_threads(threads)
     try:
         result = get_attack(attack, **overrides).reconstruct(
-            model, observation, generator=torch.Generator().manual_seed(seed)
+            model, observation, generator=torch.Generator().manual_seed(seed), callback=callback
         )
     finally:
         torch.set_num_threads(before)

@@ -21,20 +21,6 @@ class L2Distance:
         return sum((s - o).pow(2).sum() for s, o in zip(simulated, observed, strict=True))
 
 
-class LayerwiseL2Distance:
-    """Squared L2 distance of every parameter tensor relative to its own observed energy, summed.
-
-    Every tensor counts alike whatever its size: the first convolution, which sees the pixels,
-    weighs as much as the classifier whose gradient is usually the largest.
-    """
-
-    def __call__(self, simulated: Sequence[Tensor], observed: Sequence[Tensor]) -> Tensor:
-        return sum(
-            (s - o).pow(2).sum() / o.pow(2).sum().clamp_min(_TINY)
-            for s, o in zip(simulated, observed, strict=True)
-        )
-
-
 class CosineDistance:
     """Geiping et al.'s objective: ``1 - cos`` between the whole updates (0 = same direction).
 
@@ -64,15 +50,11 @@ class TotalVariation:
         return dx + dy
 
 
-DISTANCES: dict[str, type] = {
-    "l2": L2Distance,
-    "l2-layer": LayerwiseL2Distance,
-    "cosine": CosineDistance,
-}
+DISTANCES: dict[str, type] = {"l2": L2Distance, "cosine": CosineDistance}
 PRIORS: dict[str, type] = {"tv": TotalVariation}
 
 
-def get_distance(name: str) -> L2Distance | LayerwiseL2Distance | CosineDistance:
+def get_distance(name: str) -> L2Distance | CosineDistance:
     if name not in DISTANCES:
         raise ValueError(f"unknown distance {name!r} (known: {', '.join(sorted(DISTANCES))})")
     return DISTANCES[name]()
@@ -93,7 +75,6 @@ __all__ = [
     "PRIORS",
     "CosineDistance",
     "L2Distance",
-    "LayerwiseL2Distance",
     "TotalVariation",
     "get_distance",
     "get_prior",

@@ -37,6 +37,7 @@ STUDIES: dict[str, str] = {
     "dlg-models": "fedleak.studies.dlg_models",
     "inversion-defenses": "fedleak.studies.defenses",
     "gias-vs-ig": "fedleak.studies.gias_vs_ig",
+    "batch-sizes": "fedleak.studies.batch_sizes",
 }
 RESULTS = "results.json"
 
