@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from fedleak.errors import ConfigError
 from fedleak.studies import STUDIES, run_study
 from fedleak.studies.batch_sizes import TINY_OVERRIDES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_batch_sizes_tiny_run(tmp_path, data_root):
+    # The study runs on attack.threads (1) torch threads and run_study restores the caller's.
     assert "batch-sizes" in STUDIES
     folder = run_study("batch-sizes", TINY_OVERRIDES + [f'data.root="{data_root}"'], tmp_path)
     results = json.loads((folder / "results.json").read_text())
