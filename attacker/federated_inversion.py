@@ -141,7 +141,7 @@ def isolate_others(
 # and stops. An earlier rule stopped every restart once the distance fell below 1e-8 of the
 # update's energy and cost about 6 dB: the image keeps sharpening well below that. A stall costs
 # at most what the last window could still have gained (< 1% of the distance).
-STOPPING = {"stall_window": 10, "stall_tolerance": 1e-2, "prune_every": 5}
+STOPPING = {"stall_window": 10, "stall_tolerance": 1e-2, "prune_every": 2}
 
 # What a saved record reports about the work the attack did (Reconstruction's fields).
 WORK_FIELDS = (

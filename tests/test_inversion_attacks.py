@@ -287,8 +287,8 @@ def test_objective_is_zero_at_the_true_image_for_every_seed():
     onehot = F.one_hot(y, 4).float()
     for seed in ("softmax", "observed", "rescaled"):
         sim = _Simulator(model, obs, InversionConfig(distance="l2"), False, seed, relative=True)
-        assert float(sim.objective(x, onehot)) < 1e-10, seed
-        assert float(sim.objective(tiny_batch(1, 14), onehot)) > 1e-3, seed
+        assert float(sim.losses(x[None], onehot[None], False).detach()) < 1e-10, seed
+        assert float(sim.losses(tiny_batch(1, 14)[None], onehot[None], False).detach()) > 1e-3, seed
 
 
 def test_unsupported_combinations_say_so():
@@ -393,3 +393,22 @@ def test_registry_presets_and_overrides():
     with pytest.raises(ValueError, match="unknown option"):
         get_attack("dlg", learning_rate=1.0)
     assert collections.Counter(type(get_attack(n)).__name__ for n in ATTACKS).total() == 6
+
+
+def test_plain_autograd_simulation_is_the_functional_one():
+    """A restart alone is simulated with plain autograd, batched ones with torch.func: the same
+    objective and the same input gradient, for every seed of the simulated backward pass."""
+    from fedleak.attacker.inversion.attacks import InversionConfig, _Simulator
+
+    model, x, y = tiny_model(4), tiny_batch(1, 16), torch.tensor([2])
+    obs = fedsgd_update(model, x, y)
+    onehot = F.one_hot(y, 4).float()
+    for seed in ("softmax", "observed", "rescaled"):
+        sim = _Simulator(model, obs, InversionConfig(distance="l2"), False, seed, relative=True)
+        values = {}
+        for plain in (True, False):
+            z = tiny_batch(1, 17).requires_grad_(True)
+            loss = sim.objective(z, onehot, sim.seed_vector(z, onehot), plain)
+            values[plain] = (loss.detach(), torch.autograd.grad(loss, z)[0])
+        assert torch.allclose(values[True][0], values[False][0], rtol=1e-5)
+        assert torch.allclose(values[True][1], values[False][1], rtol=1e-4, atol=1e-9)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
@@ -145,6 +146,10 @@ class _Simulator:
             )
         self.names = names
         self.params = {n: observation.model_state[n].detach() for n in names}
+        live = dict(self.net.named_parameters())
+        self.live = [live[n] for n in names]  # the copy's own leaves, for plain autograd
+        # The same network as constants: logits that depend on the input only.
+        self.frozen = deepcopy(self.net).requires_grad_(False)
         self.target = [u.detach() for u in observation.update]
         self.obs = observation
         self.distance = get_distance(config.distance)
@@ -158,45 +163,77 @@ class _Simulator:
         self.seed_mode = seed
         self.seed = output_gradient(observation) if seed != "softmax" else None
 
-    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(self.net, params, (x,))
-        if self.seed is None:
-            return F.cross_entropy(logits, y)
+    def seed_vector(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """dL/dlogits the simulated client backpropagates (B x K), None for its own softmax.
+
+        ``"rescaled"``: the candidate's ``p - y`` direction from logits computed with constant
+        parameters (a function of the candidate only, so the parameter gradient of
+        ``logits . seed`` is ``J^T seed``), times the observed ``1 - p_c``. Works on any
+        leading batch shape, so all restarts share one forward pass.
+        """
+        if self.seed_mode == "softmax":
+            return None
         if self.seed_mode == "observed":
-            return (logits * self.seed).sum()  # its parameter gradient is J^T seed
-        # "rescaled": the direction comes from logits computed with the constant parameters,
-        # so it is a function of the candidate only and the parameter gradient is J^T seed.
-        free = functional_call(self.net, self.params, (x,))
+            return self.seed.expand_as(y)
+        lead = x.shape[: -len(self.obs.image_shape)]
+        free = self.frozen(x.reshape(-1, *self.obs.image_shape)).view(*lead, -1)
         others = free.masked_fill(y > 0.5, float("-inf"))  # y: the known one-hot label
         direction = others.softmax(dim=-1) - y  # p_k / (1 - p_c) off the label, -1 on it
-        size = -(self.seed * y).sum(dim=-1, keepdim=True)  # observed 1 - p_c
-        return (logits * direction * size).sum()
+        return direction * -(self.seed * y).sum(dim=-1, keepdim=True)  # observed 1 - p_c
 
-    def update(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        """The update the client would send for inputs ``x`` and label distributions ``y``."""
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor, seed: Tensor | None):
+        logits = functional_call(self.net, params, (x,))
+        return F.cross_entropy(logits, y) if seed is None else (logits * seed).sum()
+
+    def update(self, x: Tensor, y: Tensor, seed: Tensor | None = None) -> list[Tensor]:
+        """The update the client would send for inputs ``x`` and label distributions ``y``
+        (``seed``: see :meth:`seed_vector`; FedSGD only)."""
         grad_fn = grad(self._loss)
         if self.obs.kind == "fedsgd":
-            g = grad_fn(self.params, x, y)
+            g = grad_fn(self.params, x, y, seed)
             return [g[n] for n in self.names]
         size = self.obs.local_batch_size or len(x)
         xs, ys = x.split(size), y.split(size)
         params = dict(self.params)
         for step in range(self.obs.local_steps):
-            g = grad_fn(params, xs[step % len(xs)], ys[step % len(xs)])
+            g = grad_fn(params, xs[step % len(xs)], ys[step % len(xs)], None)
             params = {n: params[n] - self.obs.local_lr * g[n] for n in self.names}
         return [params[n] - self.params[n] for n in self.names]
 
-    def objective(self, x: Tensor, y: Tensor) -> Tensor:
+    def _plain_update(self, x: Tensor, y: Tensor, seed: Tensor | None) -> list[Tensor]:
+        """``update`` for FedSGD with plain autograd (``create_graph``), as DLG's code does it.
+
+        The same numbers as the ``torch.func`` version (tested); for a network as small as
+        DLG's LeNet the functional transforms cost more than the arithmetic, and a restart
+        running alone needs no ``vmap``.
+        """
+        with torch.enable_grad():  # also when the caller only wants the value
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y) if seed is None else (logits * seed).sum()
+            return list(torch.autograd.grad(loss, self.live, create_graph=True))
+
+    def objective(
+        self, x: Tensor, y: Tensor, seed: Tensor | None = None, plain: bool = False
+    ) -> Tensor:
         """One restart's loss: update distance plus the TV prior; ``x`` is B x C x H x W."""
         probs = y.softmax(dim=-1) if self.soft_labels else y
-        loss = self.scale * self.distance(self.update(x, probs), self.target)
+        simulated = self._plain_update(x, probs, seed) if plain else self.update(x, probs, seed)
+        loss = self.scale * self.distance(simulated, self.target)
         return loss + self.tv_weight * self.tv(x) if self.tv_weight else loss
 
     def losses(self, xs: Tensor, ys: Tensor, vectorized: bool) -> Tensor:
         """Per-restart losses for R x B x ... candidates."""
-        if vectorized:
-            return vmap(self.objective, randomness="same")(xs, ys)
-        return torch.stack([self.objective(x, y) for x, y in zip(xs, ys, strict=True)])
+        seeds = self.seed_vector(xs, ys)
+        if vectorized and len(xs) > 1:
+            dims = (0, 0, None if seeds is None else 0)
+            return vmap(self.objective, in_dims=dims, randomness="same")(xs, ys, seeds)
+        plain = self.obs.kind == "fedsgd"
+        return torch.stack(
+            [
+                self.objective(x, y, None if seeds is None else seeds[r], plain)
+                for r, (x, y) in enumerate(zip(xs, ys, strict=True))
+            ]
+        )
 
 
 @dataclass
