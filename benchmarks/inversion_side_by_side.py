@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -90,6 +91,7 @@ class Watch:
         self.cpu_to_30db: float | None = None
         self.steps_to_30db: int | None = None
         self.steps = 0
+        self.latest: dict[int, tuple[float, torch.Tensor]] = {}
 
     def seen(self, image: torch.Tensor) -> None:
         """``image`` (1 x C x H x W, [-1, 1]) is what the method would return now."""
@@ -101,8 +103,15 @@ class Watch:
         self.overhead += time.process_time() - mark
 
     def callback(self, step: int, losses: torch.Tensor, images: torch.Tensor, ids) -> None:
-        finite = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
-        self.seen(images[int(finite.argmin())].detach())
+        """The attack's callback: it hands over the restarts in flight; one that has stopped
+        keeps its last objective and image, as the final choice does."""
+        mark = time.process_time()
+        for r, loss, image in zip(ids, losses.tolist(), images, strict=True):
+            if math.isfinite(loss):
+                self.latest[r] = (loss, image)
+        self.overhead += time.process_time() - mark
+        if self.latest:
+            self.seen(min(self.latest.values(), key=lambda item: item[0])[1].detach())
 
     def outcome(self, method: str, index: int, recon, labels, x, y, **extra) -> Outcome:
         cpu = time.process_time() - self.start - self.overhead

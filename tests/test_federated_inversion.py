@@ -178,16 +178,16 @@ def test_inversion_config_is_checked():
 
 def test_invert_records_the_work_the_attack_did():
     """The saved record carries iterations, evaluations, wall time, the chosen restart and every
-    restart's final loss; the federation's stopping rule prunes the worse half every 2 steps."""
+    restart's final loss; the federation's stopping rule prunes the worse half at every step."""
     from fedleak.attacker.federated_inversion import STOPPING, WORK_FIELDS, invert
 
     model = _model()
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([5])
     record = invert(model, fedsgd_update(model, x, y), "idlg", iterations=7, restarts=4)
     assert set(WORK_FIELDS) <= set(record) and record["seconds"] > 0
-    assert STOPPING["prune_every"] == 2
-    # Four restarts run 2 steps together, the better two 2 more, the best one to the budget.
-    assert sorted(record["per_restart_iterations"]) == [2, 2, 4, 7]
+    assert STOPPING["prune_every"] == 1
+    # Four restarts run a step together, the better two one more, the best one to the budget.
+    assert sorted(record["per_restart_iterations"]) == [1, 1, 2, 7]
     best = record["restart"]
     assert record["iterations"] == record["per_restart_iterations"][best] == 7
     assert record["per_restart_loss"][best] == min(record["per_restart_loss"])

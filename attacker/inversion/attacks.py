@@ -1,17 +1,25 @@
 """Optimisation-based gradient inversion: DLG, iDLG and Inverting Gradients.
 
 Every attack searches for inputs whose simulated update matches the observed one. The update is
-simulated functionally (``torch.func.functional_call`` with the sent parameters): the gradient of
-the mean cross-entropy for FedSGD, or the local SGD steps unrolled differentiably for FedAvg
-(Geiping et al., "Inverting Gradients", Sec. 5), so the distance can be differentiated with
-respect to the candidate inputs.
+simulated with the sent parameters: the gradient of the mean cross-entropy for FedSGD, or the
+local SGD steps unrolled differentiably for FedAvg (Geiping et al., "Inverting Gradients",
+Sec. 5), so the distance can be differentiated with respect to the candidate inputs. Inputs are
+in the data range [-1, 1]; a network that expects another range carries its
+``fedleak.models.leakage.InputTransform``.
 
-Restarts: with Adam, the R restarts of a B-image batch form one ``R x B x C x H x W`` tensor;
-``vmap`` computes each restart's simulated update and distance in one call, the R losses are
-summed and a single backward pass reaches every candidate. Adam works element by element and
-the losses do not interact, so this equals R independent runs (``restarts_mode="sequential"``
-runs them one after another, for comparison). L-BFGS couples everything it optimises through its
-curvature history and step, so its restarts always run one after another; its presets use one.
+Restarts run together for both optimisers: the R restarts of a B-image batch form one
+``R x B x C x H x W`` tensor and ``vmap`` computes every restart's simulated update and distance
+in one call. With Adam the R losses are summed and one backward pass reaches every candidate;
+Adam works element by element, so this equals R independent runs. With L-BFGS,
+``lbfgs.BatchedLBFGS`` keeps every restart's own curvature history, step and stopping flags, so
+restart r follows the iterates it would follow alone (tested). ``restarts_mode="sequential"``
+runs them one after another, for comparison; a restart alone is simulated with plain autograd
+(FedSGD), which is faster than ``torch.func`` for one small network.
+
+Stopping: every restart runs ``iterations`` steps unless a callback stops the search or, for
+L-BFGS, the stopping rule (``stall_window``, ``prune_every``) ends restarts early. The result
+reports the work done: steps and objective evaluations per restart, wall time, the chosen restart
+and every restart's final objective.
 
 Divergence: a restart whose loss turns NaN/inf or grows past ``explode`` times its first loss
 (or whose inputs stop being finite) is rolled back to its last good iterate; with L-BFGS it is
@@ -54,6 +62,7 @@ class InversionConfig:
     tv_weight: float = 0.0
     labels: Literal["optimize", "recover"] = "recover"
     restarts: int = 1
+    init_scale: float = 1.0  # random starts: N(0, init_scale^2) per pixel, 0 = mid-grey
     restarts_mode: Literal["batched", "sequential"] = "batched"
     clamp: bool = True  # project the inputs into ``bounds`` after every step
     bounds: tuple[float, float] = (-1.0, 1.0)
@@ -330,7 +339,7 @@ class OptimizationAttack:
 
         shape = (cfg.restarts, b, *observation.image_shape)
         dtype = observation.update[0].dtype  # float64 observations are attacked in float64
-        images0 = torch.randn(shape, generator=gen).to(device, dtype)
+        images0 = torch.randn(shape, generator=gen).to(device, dtype) * cfg.init_scale
         if optimize_labels:
             label0 = torch.randn(cfg.restarts, b, k, generator=gen).to(device, dtype)
         else:
@@ -474,7 +483,7 @@ class OptimizationAttack:
         def objective(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
             # Only the restarts still searching are simulated (a finished one costs nothing).
             index = rows.nonzero().flatten()
-            losses = z.new_full((restarts,), float("nan"))
+            losses = z.new_full((len(z),), float("nan"))
             grads = torch.zeros_like(z)
             if len(index):
                 with torch.enable_grad():
@@ -488,11 +497,13 @@ class OptimizationAttack:
         device = images0.device
         steps = torch.zeros(restarts, dtype=torch.long, device=device)
         resets = torch.zeros(restarts, dtype=torch.long, device=device)
+        evaluations = torch.zeros(restarts, dtype=torch.long, device=device)
         diverged = torch.zeros(restarts, dtype=torch.bool, device=device)
         finished = torch.zeros(restarts, dtype=torch.bool, device=device)  # stalled or pruned
-        first = torch.full((restarts,), float("nan"), device=device)
+        first = torch.full((restarts,), float("nan"), device=device, dtype=images0.dtype)
         latest = first.clone()  # each restart's objective at its last step
-        good = opt.x.clone()
+        good = opt.x.clone()  # each restart's last good point
+        live = torch.arange(restarts, device=device)  # the optimiser's rows, as restarts
         history: list[list[float]] = [[] for _ in range(restarts)]
         stopped, step = "budget", 0
         while True:
@@ -501,26 +512,36 @@ class OptimizationAttack:
                 if finished.any() and (finished | diverged).all():
                     stopped = "converged"
                 break
-            before = opt.step(objective, active)
+            if not active[live].all():  # restarts that are done leave the optimiser
+                done = ~active[live]
+                evaluations[live[done]] += opt.evaluations[done]
+                opt.keep(~done)
+                live = live[~done]
+            before = torch.full_like(first, float("nan"))
+            before[live] = opt.step(objective, torch.ones_like(live, dtype=torch.bool))
             first = torch.where(active & (steps == 0), before, first)
             steps += active.long()
-            finite = torch.isfinite(opt.x).all(dim=1) & torch.isfinite(before)
+            finite = torch.zeros_like(active)
+            finite[live] = torch.isfinite(opt.x).all(dim=1)
             bad = active & ~(finite & (before <= cfg.explode * first.abs()))
             ok = active & ~bad
             if cfg.clamp:
                 opt.x[:, :split] = opt.x[:, :split].clamp(*cfg.bounds)
-            good = torch.where(ok[:, None], opt.x, good)
+            good[live] = torch.where(ok[live][:, None], opt.x, good[live])
             latest = torch.where(ok, before, latest)
             for r in ok.nonzero().flatten().tolist():
                 history[r].append(float(before[r]))
             if bad.any():
-                self._reset(opt, bad, resets, steps, diverged, good, history, gen)
+                self._reset(opt, live, bad, resets, steps, diverged, good, history, gen, split)
             finished |= self._stopping(history, ok, step + 1, ~diverged & ~finished & ~bad)
-            images = opt.x[:, :split].view(restarts, *image_shape)  # shares the optimiser's point
-            if callback is not None and callback(step, latest, images, ids):
-                stopped = "callback"
-                break
+            if callback is not None:
+                # The restarts in flight; their images share the optimiser's point.
+                images = opt.x[:, :split].view(len(live), *image_shape)
+                if callback(step, latest[live], images, [ids[r] for r in live.tolist()]):
+                    stopped = "callback"
+                    break
             step += 1
+        evaluations[live] += opt.evaluations
         final, _ = objective(good, torch.ones(restarts, dtype=torch.bool, device=device))
         x, y = unpack(good)
         return _Run(
@@ -530,7 +551,7 @@ class OptimizationAttack:
             final=final,
             diverged=diverged,
             iterations=steps.cpu(),
-            evaluations=(opt.evaluations + 1).cpu(),  # and the final evaluation
+            evaluations=(evaluations + 1).cpu(),  # and the final evaluation
             resets=int(resets.sum()),
             stopped=stopped,
         )
@@ -557,6 +578,7 @@ class OptimizationAttack:
     def _reset(
         self,
         opt: BatchedLBFGS,
+        live: Tensor,
         bad: Tensor,
         resets: Tensor,
         steps: Tensor,
@@ -564,20 +586,26 @@ class OptimizationAttack:
         good: Tensor,
         history: list[list[float]],
         gen: torch.Generator,
+        split: int,
     ) -> None:
-        """Fresh starts for the diverged restarts that have resets left; the others give up."""
+        """Fresh starts for the diverged restarts that have resets left; the others give up
+        (back to their last good point; they leave the optimiser at the next step). A point is
+        ``split`` image values, then (DLG) label logits."""
         fresh = bad & (resets < self.config.max_resets)
-        start = good.clone()
+        start = opt.x.clone()
+        rows = {r: i for i, r in enumerate(live.tolist())}
         for r in fresh.nonzero().flatten().tolist():
             # Drawn after all the initial starts, in restart order.
-            start[r] = torch.randn(good.shape[1], generator=gen).to(good)
+            point = torch.randn(good.shape[1], generator=gen).to(good)
+            point[:split] *= self.config.init_scale
+            start[rows[r]] = point
             history[r].clear()
-        opt.reset(fresh, start)
+        opt.reset(fresh[live], start)
         resets += fresh.long()
         steps.masked_fill_(fresh, 0)
         give_up = bad & ~fresh
         diverged |= give_up
-        opt.x = torch.where(give_up[:, None], good, opt.x)  # its last good point
+        opt.x = torch.where(give_up[live][:, None], good[live], opt.x)
 
     # --- result --------------------------------------------------------------------------
 
@@ -644,6 +672,11 @@ class IDLG(DLG):
     storing curvature pairs (``y.s < 1e-10``) long before the image converged. Measured on two
     such held-out CIFAR-10 images (norms 0.52 and 0.46), 300 steps: 22.7 / 17.8 dB before,
     55.4 / 49.4 dB now; images with usual norms are unchanged (53.2 / 42.0 dB vs 53.7 / 42.0).
+
+    Random starts closer to mid-grey (``init_scale`` 0.25 instead of DLG's 1): the sigmoids
+    start near their linear range, where the gradient says most about the input. Measured on
+    held-out images 78 / 303 / 375 / 623, one restart: L-BFGS steps to 30 dB 45 / 79 / 52 / 41
+    with 1, 30 / 64 / 34 / 20 with 0.25 (0.1: 29 / 61 / 33 / 17), final PSNR within 2 dB.
     """
 
     name = "idlg"
@@ -655,6 +688,7 @@ class IDLG(DLG):
         lbfgs_tolerance_grad=1e-10,
         lbfgs_tolerance_change=1e-12,
         lbfgs_curvature=1e-13,
+        init_scale=0.25,
     )
 
 

@@ -120,6 +120,17 @@ class BatchedLBFGS:
         self.h_diag = torch.where(mask, 1.0, self.h_diag)
         self.n_iter = torch.where(mask, 0, self.n_iter)
 
+    def keep(self, mask: Tensor) -> None:
+        """Drop the restarts outside ``mask`` for good (the rows left keep their order).
+
+        A finished restart would otherwise still be carried through every step: its history
+        is read in each direction computation, which costs as much as a live one's.
+        """
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Tensor) and name != "_rows" and value.shape[:1] == mask.shape:
+                setattr(self, name, value[mask])
+        self._rows = torch.arange(int(mask.sum()), device=mask.device)
+
     def _direction(self, g: Tensor, later: Tensor) -> Tensor:
         """``-H g`` for the restarts in ``later`` (their second or later inner iteration).
 
