@@ -480,17 +480,22 @@ class OptimizationAttack:
                 return x, z[:, split:].view(len(z), *label_shape)
             return x, label0[:1].expand(len(z), *label_shape)  # known labels: the same for all
 
+        def simulate(z: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                z = z.detach().requires_grad_(True)
+                values = sim.losses(*unpack(z), vectorized=True)
+                (grad,) = torch.autograd.grad(values.sum(), z)
+            return values.detach(), grad
+
         def objective(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+            if bool(rows.all()):
+                return simulate(z)
             # Only the restarts still searching are simulated (a finished one costs nothing).
             index = rows.nonzero().flatten()
             losses = z.new_full((len(z),), float("nan"))
             grads = torch.zeros_like(z)
             if len(index):
-                with torch.enable_grad():
-                    sub = z[index].detach().requires_grad_(True)
-                    values = sim.losses(*unpack(sub), vectorized=True)
-                    (grad,) = torch.autograd.grad(values.sum(), sub)
-                losses[index], grads[index] = values.detach(), grad
+                losses[index], grads[index] = simulate(z[index])
             return losses, grads
 
         opt = BatchedLBFGS(pack(images0, label0), self._lbfgs_options())
