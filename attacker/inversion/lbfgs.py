@@ -109,8 +109,8 @@ class BatchedLBFGS:
     def reset(self, mask: Tensor, x: Tensor) -> None:
         """Start the restarts in ``mask`` afresh from the rows of ``x`` (history cleared).
 
-        Their buffers are zeroed too: a diverged restart may have left non-finite pairs,
-        and ``0 * inf`` would reach the others' arithmetic as NaN.
+        Their buffers are zeroed too: a diverged restart may have left non-finite pairs, and
+        an unused slot enters the arithmetic multiplied by 0, which turns ``inf`` into NaN.
         """
         self.x = torch.where(_rows(mask, self.x), x.to(self.x), self.x)
         self.count = torch.where(mask, 0, self.count)
