@@ -23,7 +23,12 @@ def reconstruction_report(result: dict[str, Any], **where: Any) -> Reconstructio
         iterations=int(result.get("iterations", len(history))),
         evaluations=result.get("evaluations"),
         restart=result.get("restart"),
-        restart_losses=[float(v) for v in result.get("restart_losses", [])],
+        per_restart_loss=[float(v) for v in result.get("per_restart_loss", [])],
+        per_restart_iterations=[int(v) for v in result.get("per_restart_iterations", [])],
+        per_restart_evaluations=[int(v) for v in result.get("per_restart_evaluations", [])],
+        discarded=[int(v) for v in result.get("discarded", [])],
+        stopped=str(result.get("stopped", "")),
+        backward_seed=str(result.get("seed", "")),
         **where,
     )
 

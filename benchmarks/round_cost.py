@@ -6,8 +6,10 @@ fedleak side is FedAvg with two honest participants and next to no compute (one 
 MNIST images), so the difference is what fedleak adds per round: its imports in each fresh
 ClientApp process, loading the participant's data, building the model, the server's checks and
 its report to the experimenter. The two apps alternate (floor, fedleak, floor, fedleak, ...)
-so that a change in the machine's load hits both alike. Prints seconds per round (medians over
-the rounds after the first) and the ratio.
+so that a change in the machine's load hits both alike. A third app, the floor with one SGD step
+of a small PyTorch CNN (torch imported in every fresh ClientApp process, as any PyTorch app on
+Flower must), separates what PyTorch costs from what fedleak adds. Prints seconds per round
+(medians over the rounds after the first) and the ratios.
 
     python benchmarks/round_cost.py                 # 2 repetitions of 6 rounds each
     python benchmarks/round_cost.py --rounds 8 --repeat 3
@@ -75,14 +77,14 @@ def wait_finished(env: dict[str, str], run_id: int, limit: float = 1800) -> str:
     raise RuntimeError(f"run {run_id} did not finish within {limit:.0f} s")
 
 
-def floor_rounds(env: dict[str, str], rounds: int) -> list[float]:
+def floor_rounds(env: dict[str, str], rounds: int, torch: bool = False) -> list[float]:
     result = flwr(
         env,
         "run",
         str(FLOOR),
         CONNECTION,
         "--run-config",
-        f"rounds={rounds} nodes=2",
+        f"rounds={rounds} nodes=2 torch={int(torch)}",
         "--format",
         "json",
     )
@@ -144,24 +146,29 @@ def main() -> None:
                     env={TOKEN_ENV: tokens[f"participant-{spec.index}"]},
                 )
             write_connection(run, f"127.0.0.1:{port}")
-            floor, ours = [], []
+            floor, torch_floor, ours = [], [], []
             for i in range(args.repeat):
                 f = floor_rounds(procs.env, args.rounds)[1:]  # the first round waits for nodes
+                t = floor_rounds(procs.env, args.rounds, torch=True)[1:]
                 o = fedleak_rounds(run, settings, procs.env)[1:]
                 floor += f
+                torch_floor += t
                 ours += o
                 print(
-                    f"repetition {i + 1}: floor {statistics.median(f):.2f} s/round, fedleak "
+                    f"repetition {i + 1}: floor {statistics.median(f):.2f} s/round, floor with "
+                    f"one torch step {statistics.median(t):.2f}, fedleak "
                     f"{statistics.median(o):.2f} s/round",
                     flush=True,
                 )
         finally:
             procs.stop()
             collector.stop()
-    a, b = statistics.median(floor), statistics.median(ours)
+    a, t, b = statistics.median(floor), statistics.median(torch_floor), statistics.median(ours)
     print(
-        f"seconds per round (median over {len(floor)} / {len(ours)} rounds): Flower's floor "
-        f"{a:.2f}, fedleak {b:.2f}, ratio {b / a:.2f}"
+        f"seconds per round (medians over {len(ours)} rounds each): Flower's floor {a:.2f}, "
+        f"with one torch step {t:.2f}, fedleak {b:.2f}\n"
+        f"ratio fedleak / floor {b / a:.2f} (target <= 1.3), fedleak / torch floor {b / t:.2f}; "
+        "the server collects replies every 3 s (Flower's Grid), so round times come in steps of 3 s"
     )
 
 

@@ -162,7 +162,12 @@ class ReconstructionReport(Record):
     iterations: int = 0
     evaluations: int | None = None  # gradient evaluations (forward + backward of the model)
     restart: int | None = None  # the chosen restart
-    restart_losses: list[float] = field(default_factory=list)  # every restart's final loss
+    per_restart_loss: list[float] = field(default_factory=list)  # every restart's final loss
+    per_restart_iterations: list[int] = field(default_factory=list)
+    per_restart_evaluations: list[int] = field(default_factory=list)
+    discarded: list[int] = field(default_factory=list)  # restarts that ended diverged
+    stopped: str = ""  # why the search ended: "budget", "converged" or "callback"
+    backward_seed: str = ""  # the dL/dlogits the attack's simulated client backpropagated
     error: str | None = None
     device: str = "cpu"
 
@@ -264,9 +269,14 @@ class InversionScore(Record):
     label_accuracy: float | None = None
     seconds: float = 0.0
     iterations: int = 0
-    evaluations: int | None = None
-    restart: int | None = None
-    restart_losses: list[float] = field(default_factory=list)
+    evaluations: int | None = None  # gradient evaluations (forward + backward of the model)
+    restart: int | None = None  # the chosen restart
+    per_restart_loss: list[float] = field(default_factory=list)  # every restart's final loss
+    per_restart_iterations: list[int] = field(default_factory=list)
+    per_restart_evaluations: list[int] = field(default_factory=list)
+    discarded: list[int] = field(default_factory=list)  # restarts that ended diverged
+    stopped: str = ""  # why the search ended: "budget", "converged" or "callback"
+    backward_seed: str = ""  # the dL/dlogits the attack's simulated client backpropagated
     loss_final: float | None = None
     error: str | None = None
     device: str = "cpu"

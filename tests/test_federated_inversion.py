@@ -108,19 +108,37 @@ def test_with_several_victims_the_attacker_gets_their_aggregate():
         assert torch.allclose(o, t, rtol=1e-2, atol=1e-4)
 
 
-def test_convergence_stop_is_relative_to_the_update():
-    """A victim whose update is tiny (a confidently classified image, a saturated model) is still
-    attacked: the early stop compares the distance with the update's own size."""
-    from dataclasses import replace
-
-    from fedleak.attacker.federated_inversion import convergence_threshold, invert
+def test_invert_records_the_work_the_attack_did():
+    """The saved record carries iterations, evaluations, wall time, the chosen restart and every
+    restart's final loss; the federation's stopping rule prunes the worse half at every step."""
+    from fedleak.attacker.federated_inversion import STOPPING, WORK_FIELDS, invert
 
     model = _model()
     x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([5])
-    obs = fedsgd_update(model, x, y)
-    tiny = replace(obs, update=[u * 1e-4 for u in obs.update])
-    big, small = convergence_threshold("l2", obs), convergence_threshold("l2", tiny)
-    assert small == pytest.approx(big * 1e-8)
-    assert convergence_threshold("cosine", tiny) == convergence_threshold("cosine", obs)
-    record = invert(model, tiny, "idlg", iterations=3, restarts=1)
-    assert len(record["loss_history"]) == 3
+    record = invert(model, fedsgd_update(model, x, y), "idlg", iterations=7, restarts=4)
+    assert set(WORK_FIELDS) <= set(record) and record["seconds"] > 0
+    assert STOPPING["prune_every"] == 1
+    # Four restarts run a step together, the better two one more, the best one to the budget.
+    assert sorted(record["per_restart_iterations"]) == [1, 1, 2, 7]
+    best = record["restart"]
+    assert record["iterations"] == record["per_restart_iterations"][best] == 7
+    assert record["per_restart_loss"][best] == min(record["per_restart_loss"])
+    assert record["evaluations"] == sum(record["per_restart_evaluations"])
+    assert all(
+        e > i
+        for e, i in zip(
+            record["per_restart_evaluations"], record["per_restart_iterations"], strict=True
+        )
+    )
+    assert len(record["loss_history"]) == 7
+    assert record["seed"] == "rescaled" and record["stopped"] == "budget"
+
+
+def test_invert_leaves_adam_attacks_to_their_schedule():
+    from fedleak.attacker.federated_inversion import invert, stopping_for
+
+    assert stopping_for("inverting-gradients") == {}
+    model = _model()
+    x, y = torch.rand(1, 3, 32, 32) * 2 - 1, torch.tensor([2])
+    record = invert(model, fedsgd_update(model, x, y), "inverting-gradients", 4, 2)
+    assert record["per_restart_iterations"] == [4, 4] and record["stopped"] == "budget"

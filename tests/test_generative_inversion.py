@@ -115,6 +115,11 @@ def test_latent_stage_comes_first_and_parameters_only_move_after_it() -> None:
     rendered = torch.func.functional_call(g, adapted, (rec.latents,))
     torch.testing.assert_close(rendered, rec.images)
     assert rec.loss_history[-1] < latent_only.loss_history[-1]
+    # The work done: 60 latent steps for all four restarts, 40 more for the one carried on.
+    carried = rec.restart
+    assert rec.per_restart_iterations == [100 if r == carried else 60 for r in range(4)]
+    assert rec.per_restart_evaluations == [102 if r == carried else 61 for r in range(4)]
+    assert rec.evaluations == 102 + 3 * 61 and latent_only.per_restart_iterations == [60] * 4
     # The caller's generator is never modified.
     for n, p in g.named_parameters():
         assert torch.equal(p, prior_before[n])

@@ -212,6 +212,99 @@ def test_batched_and_sequential_restarts_agree():
     assert groups == {"batched": {(0, 1, 2)}, "sequential": {(0,), (1,), (2,)}}
 
 
+def test_batched_lbfgs_restarts_are_the_sequential_ones():
+    """L-BFGS restarts run together (one vectorised L-BFGS) follow the very iterates each
+    restart follows alone, and every iteration handles all of them at once. Float64: in float32
+    the restarts reach the rounding floor, where summation order alone decides the digits."""
+    model, x, y = tiny_model(6).double(), tiny_batch(1, 9).double(), torch.tensor([2])
+    obs = fedsgd_update(model, x, y)
+    out, groups = {}, {}
+    for mode in ("batched", "sequential"):
+        seen = groups.setdefault(mode, set())
+
+        def keep(step, losses, images, ids, seen=seen):
+            seen.add(tuple(ids))
+
+        attack = get_attack("dlg", iterations=12, restarts=3, restarts_mode=mode)
+        out[mode] = attack.reconstruct(
+            model, obs, generator=torch.Generator().manual_seed(3), callback=keep
+        )
+    batched, sequential = out["batched"], out["sequential"]
+    assert batched.per_restart_loss == pytest.approx(sequential.per_restart_loss, rel=1e-6)
+    assert batched.per_restart_evaluations == sequential.per_restart_evaluations
+    assert batched.restart == sequential.restart
+    assert torch.allclose(batched.images, sequential.images, atol=1e-8)
+    assert len(set(batched.per_restart_loss)) == 3  # the restarts differ
+    assert groups == {"batched": {(0, 1, 2)}, "sequential": {(0,), (1,), (2,)}}
+
+
+def test_reconstruction_reports_the_work_done():
+    model, x, y = tiny_model(7), tiny_batch(1, 11), torch.tensor([1])
+    rec = get_attack("idlg", iterations=9, restarts=2).reconstruct(
+        model, fedsgd_update(model, x, y)
+    )
+    assert rec.per_restart_iterations == [9, 9] and rec.iterations == 9
+    assert len(rec.loss_history) == 9 and len(rec.per_restart_loss) == 2
+    # Up to lbfgs_max_iter evaluations per step, plus the final one.
+    assert all(9 < e <= 9 * 20 + 1 for e in rec.per_restart_evaluations)
+    assert rec.evaluations == sum(rec.per_restart_evaluations)
+    assert rec.per_restart_loss[rec.restart] == min(rec.per_restart_loss)
+    assert rec.seconds > 0 and rec.stopped == "budget" and rec.seed == "rescaled"
+
+
+def test_a_converged_restart_stops_before_its_budget():
+    model, x, y = tiny_model(0), tiny_batch(1, 10), torch.tensor([1])
+    obs = fedsgd_update(model, x, y)
+    full = get_attack("idlg", iterations=200).reconstruct(model, obs)
+    early = get_attack("idlg", iterations=200, stall_window=10).reconstruct(model, obs)
+    assert full.stopped == "budget" and full.iterations == 200
+    assert early.stopped == "converged" and early.iterations < 100, early.iterations
+    assert score_batch(early.images, x)["mse"] < 1e-4
+    assert early.evaluations < full.evaluations
+
+
+def test_pruning_keeps_the_better_half_by_gradient_distance():
+    model, x, y = tiny_model(1), tiny_batch(1, 12), torch.tensor([0])
+    losses = []
+
+    def record(step, latest, images, ids):
+        losses.append(latest.clone())
+
+    rec = get_attack("idlg", iterations=8, restarts=4, prune_every=4).reconstruct(
+        model, fedsgd_update(model, x, y), callback=record
+    )
+    at_pruning = losses[3]  # after step 4
+    kept = sorted(at_pruning.argsort()[:2].tolist())
+    assert [i for i, n in enumerate(rec.per_restart_iterations) if n == 8] == kept
+    assert sorted(rec.per_restart_iterations) == [4, 4, 8, 8]
+
+
+def test_objective_is_zero_at_the_true_image_for_every_seed():
+    from fedleak.attacker.inversion.attacks import InversionConfig, _Simulator
+
+    model, x, y = tiny_model(2), tiny_batch(1, 13), torch.tensor([3])
+    obs = fedsgd_update(model, x, y)
+    onehot = F.one_hot(y, 4).float()
+    for seed in ("softmax", "observed", "rescaled"):
+        sim = _Simulator(model, obs, InversionConfig(distance="l2"), False, seed, relative=True)
+        assert float(sim.losses(x[None], onehot[None], False).detach()) < 1e-10, seed
+        assert float(sim.losses(tiny_batch(1, 14)[None], onehot[None], False).detach()) > 1e-3, seed
+
+
+def test_unsupported_combinations_say_so():
+    model, x = tiny_model(3), tiny_batch(2, 15)
+    batch = fedsgd_update(model, x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="FedSGD update of one image"):
+        get_attack("idlg", seed="rescaled", iterations=1).reconstruct(model, batch)
+    assert get_attack("idlg", iterations=1).reconstruct(model, batch).seed == "softmax"  # auto
+    with pytest.raises(ValueError, match="L-BFGS attacks only"):
+        get_attack("inverting-gradients", stall_window=5)
+    with pytest.raises(ValueError, match="relative applies to the l2 distance"):
+        get_attack("inverting-gradients", relative=True)
+    with pytest.raises(ValueError, match="line_search"):
+        get_attack("idlg", line_search="wolfe")
+
+
 def test_fedavg_unrolled_inversion_beats_a_random_guess():
     model, x, y = tiny_model(3), tiny_batch(2, 5), torch.tensor([1, 2])
     obs = fedavg_update(model, x, y, steps=3, lr=0.5, batch_size=1)
@@ -300,3 +393,22 @@ def test_registry_presets_and_overrides():
     with pytest.raises(ValueError, match="unknown option"):
         get_attack("dlg", learning_rate=1.0)
     assert collections.Counter(type(get_attack(n)).__name__ for n in ATTACKS).total() == 6
+
+
+def test_plain_autograd_simulation_is_the_functional_one():
+    """A restart alone is simulated with plain autograd, batched ones with torch.func: the same
+    objective and the same input gradient, for every seed of the simulated backward pass."""
+    from fedleak.attacker.inversion.attacks import InversionConfig, _Simulator
+
+    model, x, y = tiny_model(4), tiny_batch(1, 16), torch.tensor([2])
+    obs = fedsgd_update(model, x, y)
+    onehot = F.one_hot(y, 4).float()
+    for seed in ("softmax", "observed", "rescaled"):
+        sim = _Simulator(model, obs, InversionConfig(distance="l2"), False, seed, relative=True)
+        values = {}
+        for plain in (True, False):
+            z = tiny_batch(1, 17).requires_grad_(True)
+            loss = sim.objective(z, onehot, sim.seed_vector(z, onehot), plain)
+            values[plain] = (loss.detach(), torch.autograd.grad(loss, z)[0])
+        assert torch.allclose(values[True][0], values[False][0], rtol=1e-5)
+        assert torch.allclose(values[True][1], values[False][1], rtol=1e-4, atol=1e-9)

@@ -8,8 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedleak.models.leakage import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     INCEPTION_MIN_SIZE,
     LEAKAGE_MODELS,
+    InputTransform,
     SigmoidLeNet,
     build_leakage_model,
 )
@@ -107,3 +110,64 @@ def test_unknown_model_name():
     assert set(LEAKAGE_MODELS) == {"lenet", "resnet18", "densenet121", "inception_v3"}
     with pytest.raises(ValueError, match="unknown leakage model"):
         build_leakage_model("vgg11", 10)
+
+
+# --- one input convention ---------------------------------------------------------------------
+
+
+def test_dlg_lenet_takes_the_papers_unit_range():
+    """The federation's dlg-lenet is DLG's LeNet fed [0, 1]: the [-1, 1] pipeline image x gives
+    exactly the bare network's output on (x + 1) / 2, and not its output on x."""
+    from fedleak.models import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("dlg-lenet", 10)
+    bare = model[1]
+    assert isinstance(model[0], InputTransform) and isinstance(bare, SigmoidLeNet)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(model(x), bare((x + 1) / 2))
+    assert not torch.allclose(model(x), bare(x), atol=1e-3)
+
+
+def test_study_and_federation_give_identical_gradients(data_root):
+    """The dlg-models study's LeNet and the federation's dlg-lenet, same weights, same real
+    CIFAR-10 image: the same FedSGD update, bit for bit."""
+    from fedleak.attacker.inversion import fedsgd_update
+    from fedleak.data import load_dataset
+    from fedleak.models import build_classifier
+    from fedleak.studies import load_study_preset
+    from fedleak.studies.dlg_models import build_model, model_settings
+
+    cfg = load_study_preset("dlg-models")
+    settings = model_settings(cfg, "lenet")
+    assert settings["input"] == "unit"
+    torch.manual_seed(0)
+    study = build_model("lenet", settings, cfg["models"]["sigmoid"], channels=3)
+    torch.manual_seed(1)
+    federation = build_classifier("dlg-lenet", 10)
+    federation.load_state_dict(study.state_dict())  # strict: the same parameter names
+    cifar = load_dataset("cifar10", "test", data_root)
+    x, y = cifar.images[5:6], cifar.labels[5:6]
+    a, b = fedsgd_update(study, x, y), fedsgd_update(federation, x, y)
+    assert all(torch.equal(u, v) for u, v in zip(a.update, b.update, strict=True))
+    # ... and the paper's model on the paper's [0, 1] image.
+    paper = SigmoidLeNet(10)
+    paper.load_state_dict(study[1].state_dict())
+    c = fedsgd_update(paper, (x + 1) / 2, y)
+    assert all(torch.equal(u, v) for u, v in zip(a.update, c.update, strict=True))
+
+
+def test_input_transforms():
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    assert torch.equal(InputTransform("raw")(x), x)
+    assert torch.equal(InputTransform("unit")(x).flatten(), torch.tensor([0.0, 0.5, 1.0]))
+    imagenet = InputTransform("imagenet")(x).flatten()
+    expected = (torch.tensor([0.0, 0.5, 1.0]) - torch.tensor(IMAGENET_MEAN)) / torch.tensor(
+        IMAGENET_STD
+    )
+    assert torch.allclose(imagenet, expected)
+    assert InputTransform("unit").state_dict() == {}  # nothing to ship in a federation
+    with pytest.raises(ValueError, match="unknown input transform"):
+        InputTransform("zscore")
+    with pytest.raises(ValueError, match="unknown input transform"):
+        build_leakage_model("lenet", 10, input="zscore")

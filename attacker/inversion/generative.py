@@ -248,6 +248,9 @@ class GenerativeAttack:
         order = _rank(latent.final, latent.diverged)
         stages = [LATENT] * len(history)
         adapted = {n: p.detach().clone() for n, p in g.params.items()}
+        # Steps and objective evaluations (each step's and every stage's final one) per restart.
+        steps = [len(history)] * cfg.restarts
+        evaluations = [len(history) + 1] * cfg.restarts
         if cfg.param_iterations == 0:
             best = int(order[0])
             images = g(g.params, z[best]).detach()
@@ -262,6 +265,7 @@ class GenerativeAttack:
                 adapted,
                 stages,
                 start,
+                (steps, evaluations),
             )
         carried = order[: cfg.param_restarts]
         params, stage = self._param_stage(sim, g, z[carried], onehot, callback, len(history))
@@ -277,8 +281,21 @@ class GenerativeAttack:
         final[carried] = stage.final
         diverged = latent.diverged.clone()
         diverged[carried] = stage.diverged
+        for r in carried.tolist():
+            steps[r] += len(stage.history)
+            evaluations[r] += len(stage.history) + 1
         return self._result(
-            images, labels, curve, final, best, diverged, z[best], chosen, stages, start
+            images,
+            labels,
+            curve,
+            final,
+            best,
+            diverged,
+            z[best],
+            chosen,
+            stages,
+            start,
+            (steps, evaluations),
         )
 
     # --- stages ----------------------------------------------------------------------------
@@ -360,7 +377,9 @@ class GenerativeAttack:
         adapted: dict[str, Tensor],
         stages: list[str],
         start: float,
+        work: tuple[list[int], list[int]],
     ) -> GenerativeReconstruction:
+        steps, evaluations = work
         return GenerativeReconstruction(
             images=images.detach().cpu(),
             labels=labels.cpu(),
@@ -370,6 +389,9 @@ class GenerativeAttack:
             seconds=time.perf_counter() - start,
             restart=best,
             discarded=[i for i, d in enumerate(diverged.cpu().tolist()) if d],
+            evaluations=sum(evaluations),
+            per_restart_iterations=steps,
+            per_restart_evaluations=evaluations,
             latents=latents.detach().cpu(),
             adapted={n: p.cpu() for n, p in adapted.items()},
             stages=stages,

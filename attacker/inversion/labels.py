@@ -68,6 +68,23 @@ def idlg_label(observation: Observation) -> int:
     return int(weight.norm(dim=1).argmax())
 
 
+def output_gradient(observation: Observation) -> Tensor:
+    """dL/dlogits of a single-image FedSGD update: the classifier's bias gradient, ``p - y``.
+
+    Exact for one image (the mean over a batch of one); a batch mixes its images' vectors and a
+    FedAvg update is not a gradient, so both are refused, as is a classifier without a bias.
+    """
+    if observation.kind != "fedsgd" or observation.batch_size != 1:
+        raise ValueError(
+            "the output gradient is observable only in a FedSGD update of one image, got "
+            f"{observation.kind} with batch size {observation.batch_size}"
+        )
+    _weight, bias = last_layer(observation)
+    if bias is None:
+        raise ValueError("the output gradient needs the classifier's bias gradient (no bias here)")
+    return bias.detach()
+
+
 def _classifier(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:

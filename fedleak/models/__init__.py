@@ -8,11 +8,12 @@ from torch import nn
 
 from fedleak.errors import ConfigError
 from fedleak.models.hitaj import FacesCNN, MnistCNN, faces_generator, mnist_generator
-from fedleak.models.leakage import SigmoidLeNet
+from fedleak.models.leakage import dlg_lenet
 
 
 def _dlg_lenet(num_classes: int) -> nn.Module:
-    return SigmoidLeNet(num_classes, in_channels=3, image_size=32)
+    # DLG's LeNet takes [0, 1] images as in the paper; the data pipeline gives [-1, 1].
+    return dlg_lenet(num_classes, in_channels=3, image_size=32)
 
 
 def _no_generator() -> nn.Module:

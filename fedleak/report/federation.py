@@ -290,9 +290,17 @@ INVERSION_COLUMNS: list[tuple[str, Callable[[InversionScore], str]]] = [
     ("labels", lambda s: fmt(s.label_accuracy, 2)),
     ("iterations", lambda s: fmt(s.iterations)),
     ("gradient evals", lambda s: fmt(s.evaluations)),
-    ("chosen restart", lambda s: fmt(s.restart)),
+    ("restarts", lambda s: _restarts(s)),
+    ("final loss per restart", lambda s: " / ".join(f"{v:.1e}" for v in s.per_restart_loss) or "—"),
+    ("stopped", lambda s: s.stopped or "—"),
     ("seconds", lambda s: fmt(s.seconds, 0)),
 ]
+
+
+def _restarts(s: InversionScore) -> str:
+    if not s.per_restart_loss:
+        return fmt(s.restart)
+    return f"{len(s.per_restart_loss)}, kept #{s.restart}"
 
 
 def _inversion_table(scores: list[InversionScore]) -> tuple[list[str], list[list[str]]]:

@@ -162,9 +162,43 @@ class GiasVsIgSettings(StudySettings):
     giml: GimlSettings = GimlSettings()
 
 
+# --- batch-sizes ------------------------------------------------------------------------------
+
+
+class BatchSizesData(Section):
+    dataset: Literal["cifar10"] = "cifar10"
+    split: Literal["train", "test"] = "test"
+    root: str = ""
+    batches: Count = 2  # private batches per batch size; every attack inverts the same ones
+
+
+class BatchSizesModel(Section):
+    seed: Annotated[int, Field(ge=0)] = 1234  # dlg-lenet's weights: one model for every batch
+
+
+class BatchSizesAttack(Section):
+    names: list[Literal["dlg", "idlg", "inverting-gradients"]] = [
+        "dlg",
+        "idlg",
+        "inverting-gradients",
+    ]
+    batch_sizes: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [1, 2, 4, 8]
+    lbfgs_steps: Count = 300  # DLG and iDLG: L-BFGS steps (20 inner iterations each)
+    ig_iterations: Count = 4800  # Inverting Gradients: Adam iterations, its published budget
+    restarts: Annotated[int, Field(ge=0)] = 0  # 0 = each attack's preset
+    threads: Threads = 1
+
+
+class BatchSizesSettings(StudySettings):
+    data: BatchSizesData = BatchSizesData()
+    model: BatchSizesModel = BatchSizesModel()
+    attack: BatchSizesAttack = BatchSizesAttack()
+
+
 # study name -> (settings model, the module that runs it)
 STUDIES: dict[str, tuple[type[StudySettings], str]] = {
     "dlg-models": (DlgModelsSettings, "fedleak.studies.dlg_models"),
     "inversion-defenses": (InversionDefensesSettings, "fedleak.studies.defenses"),
     "gias-vs-ig": (GiasVsIgSettings, "fedleak.studies.gias_vs_ig"),
+    "batch-sizes": (BatchSizesSettings, "fedleak.studies.batch_sizes"),
 }

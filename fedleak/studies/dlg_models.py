@@ -19,7 +19,8 @@ Inception-v3 then needs inputs of at least 107x107 for a batch of one (its last 
 larger than 1x1). Dropout is always off: its mask is private randomness that no attacker can
 replay, so with it the study would measure the mask, not the architecture. ``input`` is what
 the network receives: ``unit`` ([0, 1], DLG's LeNet), ``imagenet`` (the slides' normalisation
-for the torchvision models) or ``raw`` ([-1, 1]); the attack always optimises [-1, 1] images.
+for the torchvision models) or ``raw`` ([-1, 1]); the attack always optimises [-1, 1] images
+and the transform (``fedleak.models.leakage.InputTransform``) is part of the model.
 """
 
 from __future__ import annotations
@@ -36,16 +37,13 @@ from torch import Tensor, nn
 from fedleak.attacker.inversion import fedsgd_update, get_attack
 from fedleak.data import load_dataset
 from fedleak.metrics.images import mse, score_batch
-from fedleak.models.leakage import build_leakage_model
+from fedleak.models.leakage import INPUTS, build_leakage_model
 from fedleak.report.grids import save_comparison_grid
 from fedleak.report.plots import save_line_plot
 from fedleak.runfolder import RunFolder
 from fedleak.studies import write_results
 
 PAPER_IMAGE_SIZES = {"lenet": 32, "resnet18": 224, "densenet121": 224, "inception_v3": 299}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUTS = ("raw", "unit", "imagenet")
 
 # A setting that runs in a few seconds (tests, smoke checks): two images, LeNet only.
 TINY_OVERRIDES = [
@@ -56,30 +54,15 @@ TINY_OVERRIDES = [
 ]
 
 
-class InputTransform(nn.Module):
-    """Maps the project's [-1, 1] images to what the network expects (no parameters)."""
-
-    def __init__(self, kind: str, channels: int) -> None:
-        super().__init__()
-        if kind not in INPUTS:
-            raise ValueError(f"unknown input transform {kind!r} (known: {', '.join(INPUTS)})")
-        self.kind = kind
-        mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,)
-        std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,)
-        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.kind == "raw":
-            return x
-        unit = (x + 1) / 2
-        return unit if self.kind == "unit" else (unit - self.mean) / self.std
-
-
 def build_model(name: str, settings: dict[str, Any], sigmoid: bool, channels: int) -> nn.Module:
-    """The network the client trains, with its input transform in front and dropout off."""
-    net = build_leakage_model(name, 10, channels, settings["image-size"], sigmoid=sigmoid)
-    model = nn.Sequential(InputTransform(settings["input"], channels), net)
+    """The network the client trains, with its input transform in front and dropout off.
+
+    Built by ``build_leakage_model`` as the federation's ``dlg-lenet`` is, so LeNet with
+    ``input = "unit"`` is the same function of the same weights in both.
+    """
+    model = build_leakage_model(
+        name, 10, channels, settings["image-size"], sigmoid=sigmoid, input=settings["input"]
+    )
     model.train(settings["bn"] == "train")
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -109,8 +92,8 @@ def resize(images: Tensor, size: int) -> Tensor:
 class CurveRecorder:
     """The attack's callback: pixel MSE after every step, and the per-image time budget.
 
-    DLG restarts L-BFGS from a fresh point after a divergence; the callback then sees step 0
-    again, and the curve restarts with it (the returned images are from the last attempt).
+    DLG restarts L-BFGS from a fresh point after a divergence; the curve goes on through it
+    (the jump shows where), and the returned images are from the last attempt.
     """
 
     def __init__(self, original: Tensor, max_seconds: float) -> None:
@@ -119,13 +102,9 @@ class CurveRecorder:
         self.start = time.perf_counter()
         self.mse: list[float] = []
         self.loss: list[float] = []
-        self.attempts = 1
         self.stopped_by_budget = False
 
     def __call__(self, step: int, loss: Tensor, images: Tensor, _ids: list[int]) -> bool:
-        if step == 0 and self.mse:
-            self.mse, self.loss = [], []
-            self.attempts += 1
         self.mse.append(float(mse(images[0], self.original).mean()))
         self.loss.append(float(loss.float().sum()))
         if self.max_seconds > 0 and time.perf_counter() - self.start > self.max_seconds:
@@ -173,7 +152,8 @@ def attack_one(
         "ssim": score["ssim"],
         "seconds": round(rec.seconds, 2),
         "seconds_per_step": round(rec.seconds / max(1, steps), 3),
-        "attempts": recorder.attempts,
+        "attempts": rec.resets + 1,
+        "evaluations": rec.evaluations,
         "stopped_by_budget": recorder.stopped_by_budget,
         "gradient_norm": float(torch.sqrt(sum(u.pow(2).sum() for u in observation.update))),
     }
