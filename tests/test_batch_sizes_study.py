@@ -14,7 +14,10 @@ from fedleak.studies.batch_sizes import TINY_OVERRIDES
 def test_batch_sizes_tiny_run(tmp_path, data_root):
     # The study runs on attack.threads (1) torch threads and run_study restores the caller's.
     assert "batch-sizes" in STUDIES
-    folder = run_study("batch-sizes", TINY_OVERRIDES + [f'data.root="{data_root}"'], tmp_path)
+    folder, status = run_study(
+        "batch-sizes", TINY_OVERRIDES + [f'data.root="{data_root}"'], tmp_path
+    )
+    assert status == "finished"
     results = json.loads((folder / "results.json").read_text())
     lines = [(t["attack"], t["batch_size"]) for t in results["table"]]
     assert lines == [(a, b) for a in ("dlg", "idlg", "inverting-gradients") for b in (1, 2)]

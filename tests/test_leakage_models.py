@@ -10,12 +10,12 @@ from torch import nn
 from fedleak.models.leakage import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    INCEPTION_MIN_SIZE,
     LEAKAGE_MODELS,
     InputTransform,
     SigmoidLeNet,
     build_leakage_model,
 )
+from fedleak.models.torchvision_nets import INCEPTION_MIN_SIZE
 
 
 def test_sigmoid_lenet_is_dlgs_architecture():
@@ -135,10 +135,10 @@ def test_study_and_federation_give_identical_gradients(data_root):
     from fedleak.attacker.inversion import fedsgd_update
     from fedleak.data import load_dataset
     from fedleak.models import build_classifier
-    from fedleak.studies import load_study_preset
+    from fedleak.settings import load_study
     from fedleak.studies.dlg_models import build_model, model_settings
 
-    cfg = load_study_preset("dlg-models")
+    cfg = load_study("dlg-models").to_toml_dict()
     settings = model_settings(cfg, "lenet")
     assert settings["input"] == "unit"
     torch.manual_seed(0)

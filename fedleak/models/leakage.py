@@ -12,7 +12,7 @@ Small-input adaptations (CIFAR's 32x32 instead of ImageNet's 224x224):
   input would be 1x1 after ``layer3``.
 - DenseNet-121: same stem change; with the ImageNet stem a 32x32 input leaves 1x1 maps.
 - Inception-v3: kept as defined; its stem and reduction blocks need at least 75x75 inputs
-  (``INCEPTION_MIN_SIZE``), so 32x32 images must be resized before. ``aux_logits=False`` (one
+  (``torchvision_nets.INCEPTION_MIN_SIZE``), so 32x32 images must be resized before. ``aux_logits=False`` (one
   output). Its classifier has dropout 0.5: in train mode the update is random and no attack can
   reproduce the mask, so study it in eval mode. In train mode its last BatchNorms see 1x1 maps at
   75x75, so a batch of one fails there (the "needs two inputs" of the slides).
@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 LEAKAGE_MODELS: tuple[str, ...] = ("lenet", "resnet18", "densenet121", "inception_v3")
-INCEPTION_MIN_SIZE = 75  # torchvision_nets: Inception-v3's smallest input side
 INPUTS: tuple[str, ...] = ("raw", "unit", "imagenet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -136,9 +135,9 @@ def build_leakage_model(
     else:
         # torchvision (and the torch._dynamo it imports) costs a second or more: only the
         # studies of the larger networks pay it, never a ClientApp training dlg-lenet.
-        from fedleak.models import torchvision_nets
+        from fedleak.models.torchvision_nets import build
 
-        model = torchvision_nets.build(name, num_classes, in_channels, image_size)
+        model = build(name, num_classes, in_channels, image_size)
     model = swap_relu_for_sigmoid(model) if sigmoid else model
     if input is None:
         return model

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.models import DenseNet, ResNet, inception
 from torchvision.models.resnet import BasicBlock
 
-from fedleak.models.leakage import INCEPTION_MIN_SIZE
+INCEPTION_MIN_SIZE = 75  # Inception-v3's smallest input side (its stride-2 stem and pools)
 
 
 def build(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
