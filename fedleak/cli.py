@@ -197,13 +197,24 @@ def _ensembler_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _port(value: str) -> int:
+    """A TCP port, refused by argparse with a one-line error outside 1-65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
 def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
     link = sub.add_parser(
         "superlink",
         help="run a SuperLink with fedleak's defaults (for containers and many machines)",
     )
     link.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
-    link.add_argument("--port", type=int, default=9093, help="its one port (9093)")
+    link.add_argument("--port", type=_port, default=9093, help="its one port (9093)")
     link.add_argument("--tls", metavar="DIR", default="", help="a `fedleak certs` folder")
     link.add_argument("--node-auth", action="store_true", help="admit registered SuperNodes only")
     link.add_argument(
@@ -236,6 +247,13 @@ def _deployment_parsers(sub: argparse._SubParsersAction) -> None:
         default="",
         metavar="DIR",
         help="a folder of node keys (a `fedleak certs` nodes/ folder): use node-<participant>",
+    )
+    node.add_argument(
+        "--runtime-port",
+        type=_port,
+        default=9094,
+        help="the SuperNode's local Runtime API port (9094; each SuperNode on a host needs its "
+        "own, and `fedleak superlink --proxy --port P` takes P+1)",
     )
     node.add_argument("--max-retries", type=int, help="give up after this many connection tries")
     node.add_argument("--max-wait-time", type=float, help="give up after this many seconds")
@@ -604,6 +622,7 @@ def _node(args: argparse.Namespace) -> int:
         key,
         args.max_retries,
         args.max_wait_time,
+        args.runtime_port,
     )
     from fedleak.federation.deployment import run_foreground
 

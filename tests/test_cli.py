@@ -92,3 +92,30 @@ def test_presets_and_config_commands(tmp_path):
 def test_remote_run_needs_a_report_token(tmp_path):
     result = fedleak("run", "smoke", "--superlink", "127.0.0.1:1", cwd=tmp_path)
     assert "FEDLEAK_REPORT_TOKEN" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["superlink", "--port", "99999"],
+        ["node", "--superlink", "127.0.0.1:9093", "--runtime-port", "0"],
+        ["node", "--superlink", "127.0.0.1:9093", "--runtime-port", "http"],
+    ],
+)
+def test_a_bad_port_is_refused_by_name_not_with_a_traceback(tmp_path, args):
+    result = fedleak(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "port" in result.stderr.strip().splitlines()[-1]
+
+
+def test_each_supernode_gets_its_own_runtime_port():
+    """Two `fedleak node`s on one host need distinct Runtime API ports (Flower's default is
+    9094 for every SuperNode, and the second one fails to start)."""
+    from fedleak.federation.deployment import supernode_command
+
+    node = {"index": 1, "role": "honest"}
+    default = supernode_command(node, "link:9093")
+    chosen = supernode_command(node, "link:9093", runtime_port=9190)
+    assert default[default.index("--port") + 1] == "9094"
+    assert chosen[chosen.index("--port") + 1] == "9190"

@@ -256,7 +256,7 @@ def secure(tmp_path_factory, data_root) -> Outcome:
                 f"supernode {spec.index} ({spec.role})",
                 logs / f"supernode-{spec.index}-{spec.role}.log",
                 env={TOKEN_ENV: tokens[f"participant-{spec.index}"]},
-                credentials=NodeCredentials(ca=bundle.ca, key=bundle.node_key(i)),
+                credentials=NodeCredentials(ca=bundle.ca, key=bundle.node_key(spec.index)),
                 superlink_host="localhost",
                 max_retries=5,
                 max_wait_time=60,
@@ -451,7 +451,7 @@ def test_sidecar_must_listen_on_loopback(tmp_path):
 
 
 def test_proxy_command_line(tmp_path, capsys):
-    from fedleak import proxy
+    from fedleak.federation import proxy
 
     certs.generate(tmp_path / "c", "superlink", nodes=0)
     args = ["--certs", str(tmp_path / "c"), "--out", str(tmp_path / "p")]

@@ -110,6 +110,7 @@ def supernode_command(
     auth_key: str = "",
     max_retries: int | None = None,
     max_wait_time: float | None = None,
+    runtime_port: int = 9094,
 ) -> list[str]:
     security = (
         ["--insecure"] if not root_certificates else ["--root-certificates", root_certificates]
@@ -124,6 +125,8 @@ def supernode_command(
         "--superlink",
         superlink,
         *retry,
+        "--port",  # the local Runtime API its ClientApps talk to (Flower's default is 9094)
+        str(runtime_port),
         "--node-config",
         node_config_arg(node),
     ]

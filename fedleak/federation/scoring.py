@@ -441,8 +441,9 @@ class Scoring:
                 out.append(f"{h.who(node)} stopped replying after round {max(rounds)}")
         announced = {n.participant for n in h.nodes.values()}
         if h.nodes and h.last_round >= gap and len(announced) < self.settings.num_participants:
-            missing = sorted(set(range(self.settings.num_participants)) - announced)
-            out.append(f"participant(s) {missing} never took part")
+            roles = {spec.index: spec.role for spec in self.settings.specs()}
+            for index in sorted(set(range(self.settings.num_participants)) - announced):
+                out.append(f"participant {index} ({roles.get(index, '?')}) never took part")
         return out
 
     def participation(self) -> list[dict]:
