@@ -14,8 +14,9 @@ Small-input adaptations (CIFAR's 32x32 instead of ImageNet's 224x224):
 - Inception-v3: kept as defined; its stem and reduction blocks need at least 75x75 inputs
   (``torchvision_nets.INCEPTION_MIN_SIZE``), so 32x32 images must be resized before.
   ``aux_logits=False`` (one output). Its classifier has dropout 0.5: in train mode the update
-  is random and no attack can reproduce the mask, so study it in eval mode. In train mode its last BatchNorms see 1x1 maps at
-  75x75, so a batch of one fails there (the "needs two inputs" of the slides).
+  is random and no attack can reproduce the mask, so study it in eval mode. In train mode its
+  last BatchNorms see 1x1 maps at 75x75, so a batch of one fails there (the "needs two inputs"
+  of the slides).
 
 Input convention: the project's images are in [-1, 1] (the data pipeline's range, and the range
 every attack optimises in). A network that expects another range gets an :class:`InputTransform`
