@@ -27,7 +27,8 @@ def test_the_main_job_reconstructs_private_images_and_says_so(tmp_path):
     out = done.stdout
     # The story, from the first second: what starts, each result as it arrives, the verdict.
     assert "SuperLink listening" in out and "2 SuperNodes started" in out
-    assert "inversion by adversarial client, round 1: PSNR" in out
+    assert "inversion of participant 0's update by the adversarial client, round 1: PSNR" in out
+    assert "inversion of participant 0's update by the curious server, round 1: PSNR" in out
     verdicts = [line for line in out.splitlines() if "reconstructed" in line]
     assert any(v.startswith("fedleak: Adversarial client: reconstructed 1/1") for v in verdicts)
     assert any(v.startswith("fedleak: Curious server: reconstructed 2/2") for v in verdicts)

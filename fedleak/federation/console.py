@@ -127,12 +127,19 @@ class Console:
         self._emit("attack-score", text, **s.to_dict())
 
     def _inversion(self, s: InversionScore) -> None:
-        who = "adversarial client" if s.threat == "client" else f"curious server (node {s.node})"
+        who = "the adversarial client" if s.threat == "client" else "the curious server"
+        if s.participant is not None:  # the scoring matched the images to their owner
+            whose = f"participant {s.participant}'s update"
+        elif s.node is not None:
+            whose = f"node {s.node}'s update"
+        else:
+            whose = "the other participants' update"
+        head = f"  inversion of {whose} by {who}, round {s.round}"
         if s.error:
-            text = f"  inversion by {who}, round {s.round}: {s.error}"
+            text = f"{head}: {s.error}"
         else:
             text = (
-                f"  inversion by {who}, round {s.round}: PSNR {s.psnr:.1f} dB, SSIM {s.ssim:.3f}, "
+                f"{head}: PSNR {s.psnr:.1f} dB, SSIM {s.ssim:.3f}, "
                 f"labels {s.label_accuracy:.0%}, {s.seconds:.0f} s ({s.attack}, {s.update})"
             )
         self._emit("inversion-score", text, **s.to_dict())

@@ -367,7 +367,8 @@ class Scoring:
             # The isolated update is every other client's: score against all their batches.
             batches = [self._batch(i, rec.round) for i in others]
             truth = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-            result, matched = _try(images, labels, truth), None
+            result = _try(images, labels, truth)
+            matched = others[0] if len(others) == 1 else None  # the one victim, when there is one
         else:
             # The server knows nodes, not participants: the best-matching participant's batch
             # (or the one that announced this node id).

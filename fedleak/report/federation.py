@@ -194,9 +194,9 @@ THREATS = {
 
 
 def _against(s: InversionScore) -> str:
-    if s.threat == "client":
-        return "every other participant"
-    return "—" if s.participant is None else f"participant {s.participant}"
+    if s.participant is not None:
+        return f"participant {s.participant}"
+    return "every other participant" if s.threat == "client" else "—"
 
 
 def inversion_section(run: RunFolder) -> InversionSection | None:
