@@ -188,15 +188,16 @@ def gan_sections(run: RunFolder, config: dict) -> list[GanSection]:
 # --- gradient inversion -----------------------------------------------------------------------
 
 THREATS = {
-    "client": "adversarial client (isolates the victim's update from consecutive global models)",
-    "server": "curious server (sees every individual update)",
+    "adversarial client": "a participant that follows the protocol and isolates the victim's "
+    "update from consecutive global models",
+    "curious server": "the server, which sees every individual update before aggregating",
 }
 
 
 def _against(s: InversionScore) -> str:
     if s.participant is not None:
         return f"participant {s.participant}"
-    return "every other participant" if s.threat == "client" else "—"
+    return "the others' aggregate" if s.threat == "client" else "—"
 
 
 def inversion_section(run: RunFolder) -> InversionSection | None:
@@ -277,23 +278,24 @@ def inversion_section(run: RunFolder) -> InversionSection | None:
     )
 
 
+ATTACKERS = {"client": "adversarial client", "server": "curious server"}
+
 # (column, cell) of the inversion table; a column empty in every row is left out
 INVERSION_COLUMNS: list[tuple[str, Callable[[InversionScore], str]]] = [
-    ("threat", lambda s: s.threat),
     ("round", lambda s: str(s.round)),
-    ("scored against", _against),
-    ("attack", lambda s: s.attack or "—"),
-    ("update", lambda s: f"{s.update or '—'} ×{s.local_steps}"),
-    ("images", lambda s: str(s.batch_size or "—")),
+    ("attacker", lambda s: ATTACKERS.get(s.threat, s.threat)),
+    ("victim", _against),
+    ("attack", lambda s: f"{s.attack or '—'}, {s.update or '—'} ×{s.local_steps}"),
+    ("batch", lambda s: str(s.batch_size or "—")),
     ("PSNR dB", lambda s: fmt(s.psnr, 1) if s.error is None else s.error[:120]),
     ("SSIM", lambda s: fmt(s.ssim, 3)),
     ("labels", lambda s: fmt(s.label_accuracy, 2)),
-    ("iterations", lambda s: fmt(s.iterations)),
-    ("gradient evals", lambda s: fmt(s.evaluations)),
+    ("iters", lambda s: fmt(s.iterations)),
+    ("grad evals", lambda s: fmt(s.evaluations)),
     ("restarts", lambda s: _restarts(s)),
-    ("final loss per restart", lambda s: " / ".join(f"{v:.1e}" for v in s.per_restart_loss) or "—"),
+    ("final losses (* kept)", lambda s: _restart_losses(s)),
     ("stopped", lambda s: s.stopped or "—"),
-    ("seconds", lambda s: fmt(s.seconds, 0)),
+    ("time s", lambda s: fmt(s.seconds, 0)),
 ]
 
 
@@ -301,6 +303,16 @@ def _restarts(s: InversionScore) -> str:
     if not s.per_restart_loss:
         return fmt(s.restart)
     return f"{len(s.per_restart_loss)}, kept #{s.restart}"
+
+
+def _restart_losses(s: InversionScore) -> str:
+    # one significant digit: the spread across restarts is orders of magnitude, not digits
+    return (
+        " ".join(
+            f"{v:.0e}" + ("*" if i == s.restart else "") for i, v in enumerate(s.per_restart_loss)
+        )
+        or "—"
+    )
 
 
 def _inversion_table(scores: list[InversionScore]) -> tuple[list[str], list[list[str]]]:
