@@ -196,3 +196,21 @@ def test_plain_flwr_run_against_an_existing_superlink(tmp_path):
     # The attacker's samples stayed on its node (attack settings fell back to the defaults).
     kept = [inbox.read(p).record() for p in inbox.entries(tmp_path / "a" / "inbox")]
     assert any(isinstance(r, SampleSet) for r in kept)
+
+
+def test_a_known_outside_failure_is_named_from_the_serverapp_log(tmp_path):
+    """Ray's fixed 30-s startup limit, missed on an overloaded machine, surfaces in Flower only
+    as exit code 700 deep in the ServerApp's log; the run's message says what it was."""
+    from fedleak.federation.launcher import known_cause
+
+    log = tmp_path / "serverapp.log"
+    assert known_cause(log) is None  # no log at all
+    log.write_text("INFO: round 1\nERROR: something else\n")
+    assert known_cause(log) is None
+    log.write_text(
+        "ERROR: An exception occured!! The current node timed out during startup. This could "
+        "happen because some of the raylet failed to startup or the GCS has become overloaded.\n"
+    )
+    cause = known_cause(log)
+    assert cause is not None and "Ray (Flower's Simulation Engine) did not start" in cause
+    assert 'run.engine = "deployment"' in cause

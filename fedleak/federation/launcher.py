@@ -392,6 +392,8 @@ def _federate(
         procs.stop()
         stop_watchdog(watchdog)
         shutil.rmtree(run.path / "flwr-home" / "local-superlink", ignore_errors=True)
+    if status == Status.FAILED and (cause := known_cause(run.path / "logs" / "serverapp.log")):
+        message = f"{message}; {cause}" if message else cause
     status, message, notes = scoring.verdict(status, message)
     for note in notes:
         console.warn(note)
@@ -551,6 +553,26 @@ def _follow(
                 Status.STOPPED,
                 f"stopped after run.max-wall-time = {settings.run.max_wall_time:.0f} s",
             )
+
+
+# Failures outside fedleak that Flower reports only deep in the ServerApp's log: (what the log
+# says, what the user should read).
+KNOWN_CAUSES = (
+    (
+        "The current node timed out during startup",
+        "Ray (Flower's Simulation Engine) did not start within its fixed 30 s, which happens on "
+        'an overloaded machine; run it again, or use run.engine = "deployment" (no Ray)',
+    ),
+)
+
+
+def known_cause(log: Path) -> str | None:
+    """A one-line explanation of a known outside failure found in the ServerApp's log."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    return next((why for marker, why in KNOWN_CAUSES if marker in text), None)
 
 
 def save_server_log(run: RunFolder, env: dict[str, str], run_id: int) -> None:
