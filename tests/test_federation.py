@@ -214,3 +214,23 @@ def test_a_known_outside_failure_is_named_from_the_serverapp_log(tmp_path):
     cause = known_cause(log)
     assert cause is not None and "Ray (Flower's Simulation Engine) did not start" in cause
     assert 'run.engine = "deployment"' in cause
+
+
+def test_a_participant_killed_before_its_first_turn_is_reported_lost(tmp_path):
+    """Under sampling a participant may be killed before it is ever picked: it announced itself,
+    never replied, and the rounds it was sent got no reply. The run must not end `finished`."""
+    from fedleak.federation.scoring import Scoring
+    from fedleak.records import NodeReport
+    from fedleak.runfolder import RunFolder
+    from fedleak.settings import load_federation
+
+    scoring = Scoring(RunFolder(tmp_path / "run"), load_federation("smoke"))
+    h = scoring.health
+    h.nodes = {11: NodeReport(participant=0, node=11), 22: NodeReport(1, 22, role="attacker")}
+    h.replied[22] += [1, 3, 5]
+    h.last_round = 5
+    assert scoring.lost_participants() == []  # no round went unanswered: it was never picked
+    h.empty_rounds += [2, 4]
+    assert scoring.lost_participants() == [
+        "participant 0 (honest) never replied (round(s) 2, 4 got no reply)"
+    ]

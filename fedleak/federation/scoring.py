@@ -440,6 +440,12 @@ class Scoring:
             rounds = h.replied.get(node, [])
             if rounds and max(rounds) < h.last_round - gap + 1:
                 out.append(f"{h.who(node)} stopped replying after round {max(rounds)}")
+        # A node that announced itself but never replied, in a run where work went out and no
+        # reply came back (a participant killed before its first turn under sampling).
+        if h.empty_rounds:
+            for node in sorted(n for n in h.nodes if not h.replied.get(n)):
+                rounds = ", ".join(map(str, h.empty_rounds[:10]))
+                out.append(f"{h.who(node)} never replied (round(s) {rounds} got no reply)")
         announced = {n.participant for n in h.nodes.values()}
         if h.nodes and h.last_round >= gap and len(announced) < self.settings.num_participants:
             roles = {spec.index: spec.role for spec in self.settings.specs()}
