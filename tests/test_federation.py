@@ -14,7 +14,7 @@ import pytest
 
 from fedleak import inbox
 from fedleak.federation.console import Console
-from fedleak.federation.launcher import launch
+from fedleak.federation.launcher import RAY_DID_NOT_START, launch
 from fedleak.federation.processes import tagged_pids
 from fedleak.records import RoundReport, SampleSet
 from fedleak.runfolder import RunFolder
@@ -90,7 +90,12 @@ def test_simulation_engine_same_app_and_a_report_about_the_attackers_class(tmp_p
     )
     run = run_quietly(settings)
     meta = run.read_json("meta.json")
-    assert meta["status"] == "finished"
+    if meta["status"] == "failed" and RAY_DID_NOT_START in meta["message"]:
+        # Ray's own fixed startup limits, missed on an overloaded 2-core machine, are not what
+        # this test checks (the message naming them is tested below): one more try.
+        run = run_quietly(settings)
+        meta = run.read_json("meta.json")
+    assert meta["status"] == "finished", meta.get("message")
     metrics = run.read_jsonl("metrics.jsonl")
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert {v["target"] for m in metrics for v in m["victims"]} == {3}
@@ -214,6 +219,8 @@ def test_a_known_outside_failure_is_named_from_the_serverapp_log(tmp_path):
     cause = known_cause(log)
     assert cause is not None and "Ray (Flower's Simulation Engine) did not start" in cause
     assert 'run.engine = "deployment"' in cause
+    log.write_text("RuntimeError: Timed out waiting for file /tmp/ray/s/gcs_server_port_ad4d\n")
+    assert known_cause(log) == cause
 
 
 def test_a_participant_killed_before_its_first_turn_is_reported_lost(tmp_path):

@@ -557,12 +557,13 @@ def _follow(
 
 # Failures outside fedleak that Flower reports only deep in the ServerApp's log: (what the log
 # says, what the user should read).
+RAY_DID_NOT_START = (
+    "Ray (Flower's Simulation Engine) did not start within its fixed time limits, which happens "
+    'on an overloaded machine; run it again, or use run.engine = "deployment" (no Ray)'
+)
 KNOWN_CAUSES = (
-    (
-        "The current node timed out during startup",
-        "Ray (Flower's Simulation Engine) did not start within its fixed 30 s, which happens on "
-        'an overloaded machine; run it again, or use run.engine = "deployment" (no Ray)',
-    ),
+    ("The current node timed out during startup", RAY_DID_NOT_START),  # the raylet, 30 s
+    ("gcs_server_port", RAY_DID_NOT_START),  # "Timed out waiting for file .../gcs_server_port_…"
 )
 
 
